@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh Debian machine: `make run` and `make test`.
+# Each first installs what is missing (apt packages FFCV builds against, a
+# virtualenv in .venv with fastcifar and its extras), then does its job;
+# re-running them skips what is already installed.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+FASTCIFAR := $(VENV)/bin/fastcifar
+STAMP := $(VENV)/.fastcifar-installed
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# A local CIFAR-10 copy (cifar-10-batches-py folder or tarball); empty: look under $FASTCIFAR_DATA, then download.
+CIFAR_SOURCE ?= $(wildcard ../shared/data/cifar-10-batches-py)
+export FASTCIFAR_DATA ?= $(CURDIR)/data
+
+.PHONY: run test setup system-deps betons bench clean
+
+run: betons
+	$(FASTCIFAR) beton inspect $(FASTCIFAR_DATA)/cifar10
+	$(FASTCIFAR) bench loader --beton $(FASTCIFAR_DATA)/cifar10
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+betons: setup
+	@if [ -f $(FASTCIFAR_DATA)/cifar10/manifest.json ]; then \
+		echo "betons present in $(FASTCIFAR_DATA)/cifar10"; \
+	else \
+		$(FASTCIFAR) beton write --dataset cifar10 $(if $(CIFAR_SOURCE),--source $(CIFAR_SOURCE)) --force; \
+	fi
+
+system-deps:
+	@if pkg-config --exists libturbojpeg 2>/dev/null && (pkg-config --exists opencv4 || pkg-config --exists opencv); then \
+		echo "system packages present"; \
+	else \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first, pinned: the build served from this machine's disk
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,67 @@
+"""The `fastcifar` command: one typer app composed from the packages' own sub-commands.
+
+User errors (`beton.errors.UserError`, bad CLI usage) become one line
+`error: ...` on stderr and exit code 2; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from typer.exceptions import TyperException
+
+from beton.cli import app as beton_app
+from beton.errors import UserError
+from fastloader.cli import bench_loader
+
+app = typer.Typer(
+    help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
+    "Example: fastcifar beton write --source ../shared/data/cifar-10-batches-py",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(beton_app, name="beton")
+
+bench_app = typer.Typer(help="Benchmarks that print numbers (images/s).", no_args_is_help=True)
+bench_app.command("loader")(bench_loader)
+app.add_typer(bench_app, name="bench")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    """fastcifar: fast CIFAR training on FFCV betons with JIT augmentations."""
+
+
+def _fail(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"error: {first}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        result = typer.main.get_command(app).main(args=argv, prog_name="fastcifar", standalone_mode=False)
+    except UserError as e:
+        if debug:
+            raise
+        _fail(str(e))
+    except (click.exceptions.ClickException, TyperException) as e:  # typer may vendor its own click
+        if debug:
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()
+            sys.exit(0)
+        _fail(e.format_message())
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    else:
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""`fastcifar bench loader`."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from beton.paths import dataset_dir
+
+
+def bench_loader(
+    beton: Optional[str] = typer.Option(None, "--beton", help="Folder with train.beton, test.beton, manifest.json "
+                                        "(default: $FASTCIFAR_DATA/cifar10)."),
+    batches: int = typer.Option(100, "--batches", min=1, help="Batches of 512 timed per fastcifar/FFCV pipeline "
+                                "(the DataLoader baselines time a fifth of that)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads/processes for every pipeline "
+                                          "(default: this machine's cores)."),
+    no_baselines: bool = typer.Option(False, "--no-baselines", help="Only time fastcifar's own pipelines."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object of images/s instead of a table."),
+) -> None:
+    """Images/s of the train (loader and device paths) and test pipelines vs torchvision, albumentations, FFCV.
+
+    Example: fastcifar bench loader --beton data/cifar10 --batches 100
+    """
+    from .bench import KEYS, run  # heavy imports only when the command runs
+
+    folder = beton or str(dataset_dir("cifar10"))
+    results = run(folder, batches, workers, baselines_too=not no_baselines)
+    if as_json:
+        typer.echo(json.dumps(results))
+        return
+    ref = results.get("albumentations")
+    typer.echo(f"augmentation: crop 32 pad 4, flip, rotate +-5, cutout 16, normalise, float32 channels_last; "
+               f"{results['workers']} workers, batch 512")
+    typer.echo(f"{'pipeline':<20}{'images/s':>12}{'x albumentations':>18}")
+    for key in KEYS:
+        if key in results:
+            ratio = f"{results[key] / ref:.1f}x" if ref else "-"
+            typer.echo(f"{key:<20}{results[key]:>12,.0f}{ratio:>18}")
+    typer.echo(f"first train batch (pipeline compile): {results['first_batch_s']:.1f} s; "
+               f"resident memory with train and test loaders: {results['rss_mb_both_loaders']:,.0f} MiB")

@@ -1,0 +1,96 @@
+"""The same augmentations as batched torch ops, for augmenting on the training device.
+
+Parameters come from `params.draw_params` (the kernel's own function), so
+for the same (seed, epoch, indices) this path and the loader path produce the
+same pixels: exact for integer maps, within float rounding for rotations.
+The arithmetic mirrors the kernel (float32 coordinates, v * scale + offset).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .augmentations import CUTOUT, GRAY, RGBSHIFT, AugTable, pack
+from .params import draw_params
+
+
+class Normalise:
+    """uint8 NCHW (any memory format) -> normalised `dtype` channels_last, on the input's device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32):
+        std = torch.as_tensor(std, dtype=torch.float64)
+        self.scale = (1.0 / std).float().view(1, 3, 1, 1)
+        self.offset = (-torch.as_tensor(mean, dtype=torch.float64) / std).float().view(1, 3, 1, 1)
+        self.dtype = dtype
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        scale, offset = self.scale.to(images.device), self.offset.to(images.device)
+        out = torch.addcmul(offset, images.float(), scale).contiguous(memory_format=torch.channels_last)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
+class DeviceAugment:
+    """Augment + normalise a uint8 NCHW batch on its device, keyed by dataset indices."""
+
+    def __init__(self, augs, seed: int, mean, std, dtype: torch.dtype = torch.float32, in_size: int = 32):
+        self.table: AugTable = pack(augs, in_size)
+        self.seed = int(seed)
+        self.normalise = Normalise(mean, std, dtype)
+
+    def __call__(self, images: torch.Tensor, indices, epoch: int) -> torch.Tensor:
+        params = draw_params(self.table, self.seed, epoch, np.asarray(indices))
+        out = warp(images, params, self.table)  # N x H x W x 3 float32, 0..255
+        return self.normalise(out.permute(0, 3, 1, 2))
+
+
+def warp(images: torch.Tensor, params: np.ndarray, table: AugTable) -> torch.Tensor:
+    """Geometric map (bilinear, fill outside), colour ops, then cutout; float32 NHWC on 0..255."""
+    dev = images.device
+    n, _, h, w = images.shape
+    size = table.out_size
+    src = images.permute(0, 2, 3, 1).reshape(n, h * w, 3).float()
+    fill = torch.as_tensor(table.fill, dtype=torch.float32, device=dev)
+    p = torch.as_tensor(params, dtype=torch.float32, device=dev)
+    m = p[:, 0]
+    ys, xs = torch.meshgrid(torch.arange(size, device=dev, dtype=torch.float32),
+                            torch.arange(size, device=dev, dtype=torch.float32), indexing="ij")
+    coef = [m[:, i].view(n, 1, 1) for i in range(6)]
+    sx = coef[0] * xs + (coef[1] * ys + coef[2])
+    sy = coef[3] * xs + (coef[4] * ys + coef[5])
+    x0, y0 = torch.floor(sx), torch.floor(sy)
+    fx, fy = (sx - x0).unsqueeze(-1), (sy - y0).unsqueeze(-1)
+    x0, y0 = x0.long(), y0.long()
+    out = torch.zeros(n, size, size, 3, device=dev)
+    for dy, dx, wt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+        jy, jx = y0 + dy, x0 + dx
+        inside = ((jy >= 0) & (jy < h) & (jx >= 0) & (jx < w)).unsqueeze(-1)
+        flat = (jy.clamp(0, h - 1) * w + jx.clamp(0, w - 1)).view(n, -1, 1).expand(-1, -1, 3)
+        tap = torch.gather(src, 1, flat).view(n, size, size, 3)
+        out += wt * torch.where(inside, tap, fill)
+    _colour_ops(out, p, table)
+    _cutouts(out, p, table, ys, xs)
+    return out
+
+
+def _colour_ops(out: torch.Tensor, p: torch.Tensor, table: AugTable) -> None:
+    for k, code in enumerate(table.codes):
+        active = p[:, k + 1, 0].view(-1, 1, 1, 1) != 0
+        if code == GRAY:
+            luma = (out * torch.tensor([0.299, 0.587, 0.114], device=out.device)).sum(-1, keepdim=True)
+            out.copy_(torch.where(active, luma.expand_as(out), out))
+        elif code == RGBSHIFT:
+            shifted = (out + p[:, k + 1, 1:4].view(-1, 1, 1, 3)).clamp(0, 255)
+            out.copy_(torch.where(active, shifted, out))
+
+
+def _cutouts(out: torch.Tensor, p: torch.Tensor, table: AugTable, ys: torch.Tensor, xs: torch.Tensor) -> None:
+    for k, code in enumerate(table.codes):
+        if code != CUTOUT:
+            continue
+        cs = float(table.settings[k, 0])
+        y0, x0 = p[:, k + 1, 1].view(-1, 1, 1), p[:, k + 1, 2].view(-1, 1, 1)
+        box = (p[:, k + 1, 0].view(-1, 1, 1) != 0) & (ys >= y0) & (ys < y0 + cs) & (xs >= x0) & (xs < x0 + cs)
+        fill = torch.as_tensor(table.settings[k, 2:5], dtype=torch.float32, device=out.device)
+        out[box] = fill

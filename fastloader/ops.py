@@ -1,0 +1,139 @@
+"""FFCV `Operation`s running the fused kernel on the loader thread.
+
+`FusedAugment` takes any list of augmentation specs and is the fast path; the
+named ops (`RandomCrop`, `Cutout`, ...) are the same operation with a
+one-element list, for FFCV users composing their own pipelines. Draws are
+keyed by each op's type, so separate named ops draw independently.
+
+FFCV compiles each operation's code with the epoch unknown, and numba freezes
+closure arrays as constants, so the epoch lives in an `EpochCell`: an int64
+whose address is baked into the compiled code and which the loader sets before
+each epoch starts.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from . import augmentations as A
+from .kernel import augment_batch
+
+
+@intrinsic
+def _load_int64(typingctx, address):
+    """Reads the int64 at a raw address (the loader's EpochCell)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(pointer)
+
+    return types.int64(address), codegen
+
+
+@njit(cache=True)
+def read_epoch(address):
+    return _load_int64(address)
+
+
+class EpochCell:
+    """The epoch number the compiled pipeline reads at every batch."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = np.array([epoch], dtype=np.int64)
+
+    @property
+    def address(self) -> int:
+        return int(self._value.ctypes.data)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._value[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._value[0] = value
+
+
+class FusedAugment(Operation):
+    """All augmentations of a pipeline in one numba pass over each HWC uint8 image.
+
+    Output is uint8 HWC (`mean`/`std` None) or, when `mean` and `std` are given,
+    float32 HWC already normalised, which becomes a channels_last tensor with
+    no further copy.
+    """
+
+    def __init__(self, augs: Sequence[A.Aug], seed: int = 0, cell: EpochCell | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        self.augs = list(augs)
+        self.seed = int(seed)
+        self.cell = cell if cell is not None else EpochCell()
+        self.normalise = mean is not None
+        if self.normalise:
+            std = np.asarray(std, dtype=np.float64)
+            self.scale = 1.0 / std
+            self.offset = -np.asarray(mean, dtype=np.float64) / std
+        else:
+            self.scale, self.offset = np.ones(3), np.full(3, 0.5)
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        h, w, c = previous_state.shape
+        if h != w or c != 3:
+            raise ValueError(f"FusedAugment needs square RGB images, got {previous_state.shape}")
+        self.table = A.pack(self.augs, in_size=h)
+        size = self.table.out_size
+        dtype = np.dtype(np.float32 if self.normalise else np.uint8)
+        shape = (size, size, 3)
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
+
+    def generate_code(self) -> Callable:
+        t = self.table
+        codes, settings, in_size, fill = t.codes, t.settings, t.in_size, t.fill
+        seed, address, scale, offset = np.int64(self.seed), self.cell.address, self.scale, self.offset
+        kernel = augment_batch
+
+        def fused_augment(images, dst, indices):
+            epoch = read_epoch(address)
+            return kernel(images, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset)
+
+        fused_augment.with_indices = True
+        return fused_augment
+
+
+def RandomCrop(size: int = 32, padding: int = 4, fill=0, **kw) -> FusedAugment:
+    return FusedAugment([A.RandomCrop(size, padding, fill)], **kw)
+
+
+def RandomHorizontalFlip(p: float = 0.5, **kw) -> FusedAugment:
+    return FusedAugment([A.RandomHorizontalFlip(p)], **kw)
+
+
+def RandomRotate(max_degrees: float = 5.0, fill=0, p: float = 1.0, **kw) -> FusedAugment:
+    return FusedAugment([A.RandomRotate(max_degrees, fill, p)], **kw)
+
+
+def ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=45.0, fill=0, p=0.5, **kw) -> FusedAugment:
+    return FusedAugment([A.ShiftScaleRotate(shift_limit, scale_limit, rotate_limit, fill, p)], **kw)
+
+
+def Cutout(size: int = 16, fill=0, p: float = 1.0, **kw) -> FusedAugment:
+    return FusedAugment([A.Cutout(size, fill, p)], **kw)
+
+
+def Grayscale(p: float = 0.2, **kw) -> FusedAugment:
+    return FusedAugment([A.Grayscale(p)], **kw)
+
+
+def RGBShift(r_shift_limit=20.0, g_shift_limit=20.0, b_shift_limit=20.0, p=0.5, **kw) -> FusedAugment:
+    return FusedAugment([A.RGBShift(r_shift_limit, g_shift_limit, b_shift_limit, p)], **kw)
+

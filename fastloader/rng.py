@@ -1,0 +1,43 @@
+"""Counter-based random draws: a pure function of (seed, epoch, index, op, draw).
+
+numba's np.random inside prange is per-thread state that FFCV never seeds, so
+draws would depend on which thread handled a sample. Hashing the sample's
+coordinates instead makes every draw reproducible whatever the thread count,
+and lets the torch path recompute exactly the loader path's parameters.
+The mixer is SplitMix64's finaliser (a bijection on 64-bit integers).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_S11 = np.uint64(11)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@njit(cache=True, inline="always")
+def mix64(z):
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@njit(cache=True, inline="always")
+def sample_key(seed, epoch, index):
+    """One 64-bit key per (seed, epoch, dataset index); draws branch off it."""
+    h = mix64(np.uint64(seed) * _GOLDEN + np.uint64(1))
+    h = mix64(h ^ (np.uint64(epoch) * _GOLDEN))
+    return mix64(h ^ (np.uint64(index) * _GOLDEN + np.uint64(2)))
+
+
+@njit(cache=True, inline="always")
+def uniform(key, op, draw):
+    """A float in [0, 1) for draw `draw` of augmentation `op` of a sample."""
+    z = mix64(key ^ (np.uint64(op * 64 + draw + 1) * _GOLDEN))
+    return np.float64(z >> _S11) * _TO_UNIT

@@ -1,0 +1,63 @@
+"""Synthetic betons and shared compiled loaders for the fastloader tests.
+
+Building an FFCV loader compiles its pipeline (seconds on 2 cores), so the
+loaders are built once per session and shared; each test iterates them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from beton.sources import Source, Split
+from beton.writer import write_betons
+
+REAL_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-batches-py"
+N_TRAIN, N_TEST = 700, 300
+CLASSES = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
+
+
+def synthetic_images(n: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: structure for rotation checks, variety for statistics."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32]
+    base = np.stack([xx * 8, yy * 8, (xx + yy) * 4], axis=-1).astype(np.float64)
+    noise = rng.integers(0, 40, size=(n, 32, 32, 3))
+    shift = rng.integers(0, 60, size=(n, 1, 1, 3))
+    return np.clip(base[None] + noise + shift, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def synthetic_source() -> Source:
+    rng = np.random.default_rng(1)
+    splits = {
+        "train": Split(synthetic_images(N_TRAIN, 2), rng.integers(0, 10, N_TRAIN).astype(np.int64)),
+        "test": Split(synthetic_images(N_TEST, 3), rng.integers(0, 10, N_TEST).astype(np.int64)),
+    }
+    return Source("cifar10", CLASSES, splits, "synthetic")
+
+
+@pytest.fixture(scope="session")
+def beton_dir(tmp_path_factory, synthetic_source) -> Path:
+    out = tmp_path_factory.mktemp("betons") / "cifar10"
+    write_betons(synthetic_source, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaders(beton_dir):
+    """(train, test) with the bench augmentation, 2 workers, batch 128, built once."""
+    from fastloader.bench import BENCH_AUGMENT
+    from fastloader.config import DataConfig
+    from fastloader.loaders import build_loaders
+
+    cfg = DataConfig(beton_dir=str(beton_dir), augment=BENCH_AUGMENT, batch_size=128, workers=2, seed=7)
+    return build_loaders(cfg, "cpu")
+
+
+@pytest.fixture(scope="session")
+def real_cifar10() -> Path:
+    if not (REAL_CIFAR10 / "test_batch").is_file():
+        pytest.skip(f"real CIFAR-10 not found at {REAL_CIFAR10}")
+    return REAL_CIFAR10
