@@ -29,6 +29,12 @@ class _ArrayDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
+def _to_pil(img):
+    from PIL import Image
+
+    return Image.fromarray(img)
+
+
 class _Erase:
     """A size x size square of zeros at a random place wholly inside the image (Cutout)."""
 
@@ -43,18 +49,29 @@ class _Erase:
         return img
 
 
+class _Albumentations:
+    """Calls an albumentations pipeline the way a Dataset does (picklable, for worker processes)."""
+
+    def __init__(self, augment):
+        self.augment = augment
+
+    def __call__(self, img):
+        return self.augment(image=img)["image"]
+
+
 def _data_loader(dataset, workers: int) -> torch.utils.data.DataLoader:
+    # forkserver: numba's and FFCV's threads already run in this process, and fork would copy their locks
     return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
-                                       drop_last=True, persistent_workers=workers > 0)
+                                       drop_last=True, persistent_workers=workers > 0,
+                                       multiprocessing_context="forkserver" if workers > 0 else None)
 
 
 def torchvision_loader(images, labels, mean, std, workers: int):
     """torchvision's transforms on PIL images: the tutorial pipeline."""
-    from PIL import Image
     from torchvision import transforms as T
 
     transform = T.Compose([
-        Image.fromarray,
+        _to_pil,
         T.RandomCrop(32, padding=4),
         T.RandomHorizontalFlip(),
         T.RandomRotation(5),
@@ -79,7 +96,7 @@ def albumentations_loader(images, labels, mean, std, workers: int):
         A.Normalize(mean=[m / 255 for m in mean], std=[s / 255 for s in std]),
         ToTensorV2(),
     ])
-    return _data_loader(_ArrayDataset(images, labels, lambda img: augment(image=img)["image"]), workers)
+    return _data_loader(_ArrayDataset(images, labels, _Albumentations(augment)), workers)
 
 
 def ffcv_builtin_loader(beton: Path, workers: int):

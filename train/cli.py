@@ -1,0 +1,106 @@
+"""`fastcifar train`, `fastcifar sweep`, `fastcifar bench train`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from beton.errors import UserError
+
+RUNS = Path("runs")
+
+
+def _overrides(sets: list[str], epochs: int | None, subset: int | None) -> list[str]:
+    extra = list(sets or [])
+    if epochs is not None:
+        extra.append(f"train.epochs={epochs}")
+    if subset is not None:
+        extra.append(f"data.subset={subset}")
+    return extra
+
+
+def train_command(
+    config: Optional[Path] = typer.Argument(None, help="Experiment YAML (see configs/)."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set optimizer.lr=0.1 (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+) -> None:
+    """Train one experiment into a run folder (config, metrics.jsonl, train.log, TensorBoard, checkpoints).
+
+    Example: fastcifar train configs/quickstart.yaml --epochs 2 --subset 5000
+    """
+    from .config import build_config, load_config
+    from .loop import fit
+    from .run import RunDir
+
+    if resume is not None:
+        if config is not None or sets or epochs or subset or out:
+            raise UserError("--resume continues a run with its saved config; give no CONFIG, --set, --epochs, --subset or --out")
+        run = RunDir(resume)
+        if not run.last.is_file():
+            raise UserError(f"{resume} has no {run.last.name} to resume from")
+        cfg = build_config(run.config(), where=f"{resume}/config.yaml")
+        history = fit(cfg, run, resume=True)
+    else:
+        if config is None:
+            raise UserError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        cfg = load_config(config, _overrides(sets, epochs, subset))
+        run = RunDir(out or RUNS / cfg.name)
+        history = fit(cfg, run)
+    if history:
+        best = max(history, key=lambda m: m["test_acc"])
+        typer.echo(f"done: final test accuracy {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
+                   f"at epoch {best['epoch']}; run folder {run.path}")
+
+
+def sweep_command(
+    configs: List[Path] = typer.Argument(..., help="Config files and/or folders of *.yaml configs."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key in every config (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs in every config."),
+    subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
+    out: Path = typer.Option(RUNS, "--out", help="Folder for the runs and results.md."),
+) -> None:
+    """Train each config (complete runs are skipped, partial ones resumed) and fill results.md.
+
+    Example: fastcifar sweep configs/seeds --epochs 1 --subset 5000 --out runs/smoke
+    """
+    from .sweep import sweep
+
+    results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo)
+    typer.echo(f"results: {results}")
+    typer.echo(results.read_text())
+
+
+def bench_train_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML to take model, data and precision from."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (overrides the config's), e.g. resnet18."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Batch size for every measurement."),
+    steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps per measurement."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Training images/s: fp32 NCHW vs channels_last + autocast, and the loop on real vs in-memory batches.
+
+    Example: fastcifar bench train --model resnet18 --batch-size 128 --steps 5
+    """
+    import json
+
+    from .bench import run
+    from .config import build_config, load_config
+
+    extra = list(sets or []) + [f"data.batch_size={batch_size}"] + ([f"model.name={model}"] if model else [])
+    cfg = load_config(config, extra) if config else build_config({"name": "bench"}, extra)
+    r = run(cfg, steps)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"{r['model']}, batch {r['batch_size']}, {r['device']}, {r['threads']} threads, {r['precision']} autocast")
+    typer.echo(f"fp32 NCHW                    {r['fp32_nchw']:>10,.1f} img/s")
+    typer.echo(f"channels_last + autocast     {r['channels_last_autocast']:>10,.1f} img/s  "
+               f"({r['channels_last_autocast'] / r['fp32_nchw']:.2f}x)")
+    typer.echo(f"loop, in-memory batches      {r['loop_synthetic']:>10,.1f} img/s")
+    typer.echo(f"loop, real loader            {r['loop_real_loader']:>10,.1f} img/s  "
+               f"(efficiency {r['loop_efficiency']:.3f})")

@@ -1,0 +1,167 @@
+"""The experiment config: one YAML file per experiment, validated into typed sections.
+
+Every key has a default (an empty file is a valid experiment); unknown keys
+and ill-typed values are one-line UserErrors naming the key. `--set a.b=v`
+overrides apply to the raw mapping before validation, so they are checked too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+
+from beton.errors import UserError
+from fastloader.config import DataConfig, parse, to_dict
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # resnet18 | resnet34 | custom_resnet | timm:<name>
+    norm: Literal["batch", "layer", "group", "instance"] = "batch"
+    num_classes: Optional[int] = None  # default: the dataset's
+    pretrained: bool = False  # timm only; needs the weights in the local cache
+    adapt_stem: bool = False  # timm only: 3x3 stride-1 stem, no max-pool, for 32x32 inputs
+    sync_bn: bool = False  # distributed: BatchNorm -> SyncBatchNorm
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    no_decay_norm_bias: bool = False  # no weight decay on norm weights and biases
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise UserError(f"optimizer.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.momentum < 0:
+            raise UserError("optimizer.weight_decay and optimizer.momentum must be non-negative")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise UserError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["onecycle", "step", "plateau", "cosine", "none"] = "onecycle"
+    # onecycle (stepped per batch)
+    max_lr: Union[float, Literal["find"], None] = None  # default: optimizer.lr; "find": LR range test first
+    peak_epoch: Optional[float] = None  # epoch of the peak; overrides pct_start
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    three_phase: bool = False
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    # step (per epoch)
+    step_size: int = 10
+    gamma: float = 0.1
+    # plateau (per epoch, on the test loss)
+    factor: float = 0.1
+    patience: int = 3
+    min_lr: float = 0.0
+    threshold: float = 1e-4
+    # cosine (per batch over the whole run)
+    eta_min: float = 0.0
+
+    def __post_init__(self):
+        if not 0 < self.pct_start < 1:
+            raise UserError(f"scheduler.pct_start must be in (0, 1), got {self.pct_start}")
+        if self.peak_epoch is not None and self.peak_epoch <= 0:
+            raise UserError(f"scheduler.peak_epoch must be positive, got {self.peak_epoch}")
+        if self.step_size < 1 or self.patience < 0:
+            raise UserError("scheduler.step_size must be at least 1 and scheduler.patience non-negative")
+        if not 0 < self.factor < 1:
+            raise UserError(f"scheduler.factor must be in (0, 1), got {self.factor}")
+        if isinstance(self.max_lr, float) and self.max_lr <= 0:
+            raise UserError(f"scheduler.max_lr must be positive or 'find', got {self.max_lr}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 24
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None  # max gradient norm
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    threads: Optional[int] = None  # torch CPU threads (default: torch's)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise UserError(f"train.epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UserError(f"train.grad_clip must be positive, got {self.grad_clip}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def _set(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to the raw mapping."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects key=value, got {assignment!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config {path}: {e}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def build_config(raw: dict, overrides: list[str] = (), where: str = "config") -> ExperimentConfig:
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy of plain data
+    for assignment in overrides:
+        _set(raw, assignment)
+    return parse(ExperimentConfig, raw, where)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML file."""
+    return build_config(load_raw(path), overrides, where=Path(path).name)

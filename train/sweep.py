@@ -1,0 +1,86 @@
+"""Sweeps: one run per config, a results table that fills as runs finish.
+
+A run already complete is skipped and a partial one resumed, so an
+interrupted sweep picks up where it stopped; results.md is rewritten
+(atomically) after every run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from beton.atomic import atomic_write_text
+from beton.errors import UserError
+
+from .config import ExperimentConfig, load_config
+from .loop import fit
+from .run import RunDir
+
+RESULTS = "results.md"
+COLUMNS = ("Model", "Normalization", "Scheduler", "Params", "Training Accuracy", "Test Accuracy",
+           "Best epoch", "Time", "Config")
+
+
+def collect(paths: list[Path]) -> list[Path]:
+    """Config files from folders (their *.yaml, sorted) and files, in the order given."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted([*p.glob("*.yaml"), *p.glob("*.yml")])
+            if not found:
+                raise UserError(f"no *.yaml configs in {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"no such config file or folder: {p}")
+    return files
+
+
+def _row(summary: dict, config: Path, results_dir: Path, run: RunDir) -> str:
+    cells = [summary["model"], summary["norm"], summary["scheduler"], f"{summary['params']:,}",
+             f"{summary['train_acc']:.2f}%", f"{summary['test_acc']:.2f}%",
+             f"{summary['best_epoch']} ({summary['best_test_acc']:.2f}%)", f"{summary['seconds']:.0f} s",
+             f"[{config.name}]({os.path.relpath(config, results_dir)})"]
+    report = run.path / "report.md"
+    if report.is_file():
+        cells[-1] += f" · [report]({os.path.relpath(report, results_dir)})"
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_results(rows: list[str], results: Path) -> None:
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    atomic_write_text(results, "# Results\n\n" + header + "".join(r + "\n" for r in rows))
+
+
+def _run_one(cfg: ExperimentConfig, run: RunDir, log) -> None:
+    summary = run.summary()
+    if summary is not None:
+        if run.config() != cfg.to_dict():
+            raise UserError(f"{run.path} holds a run of a different config; pick another --out for this sweep")
+        if summary["complete"]:
+            log(f"skip {cfg.name}: complete in {run.path}")
+            return
+        log(f"resume {cfg.name} in {run.path}")
+        fit(cfg, run, resume=True)
+        return
+    log(f"train {cfg.name} -> {run.path}")
+    fit(cfg, run)
+
+
+def sweep(paths: list[Path], overrides: list[str], out: Path, log=print) -> Path:
+    """Run every config (skipping complete runs), filling out/results.md; returns its path."""
+    files = collect(paths)
+    configs = [(f, load_config(f, overrides)) for f in files]  # validate all before training any
+    names = [c.name for _, c in configs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"configs share a name ({', '.join(dupes)}); each run needs its own folder")
+    results = out / RESULTS
+    rows: list[str] = []
+    for file, cfg in configs:
+        run = RunDir(out / cfg.name)
+        _run_one(cfg, run, log)
+        rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
+        write_results(rows, results)
+    return results
