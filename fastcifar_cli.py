@@ -14,6 +14,8 @@ from typer.exceptions import TyperException
 from beton.cli import app as beton_app
 from beton.errors import UserError
 from fastloader.cli import bench_loader
+from train.cli import bench_train_command, sweep_command, train_command
+from train.models import models_command
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -26,7 +28,11 @@ app.add_typer(beton_app, name="beton")
 
 bench_app = typer.Typer(help="Benchmarks that print numbers (images/s).", no_args_is_help=True)
 bench_app.command("loader")(bench_loader)
+bench_app.command("train")(bench_train_command)
 app.add_typer(bench_app, name="bench")
+app.command("train")(train_command)
+app.command("sweep")(sweep_command)
+app.command("models")(models_command)
 
 
 @app.callback()

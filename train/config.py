@@ -57,6 +57,7 @@ class SchedulerConfig:
     final_div_factor: float = 1e4
     three_phase: bool = False
     anneal_strategy: Literal["cos", "linear"] = "cos"
+    cycle_momentum: bool = True  # momentum (or Adam's beta1) cycles inversely to the LR, 0.95 -> 0.85 -> 0.95
     # step (per epoch)
     step_size: int = 10
     gamma: float = 0.1

@@ -150,11 +150,11 @@ def summary_line(m: dict, epochs: int) -> str:
 
 def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False) -> list[dict]:
     """Train `cfg` into `run`; with `resume`, continue from run's last checkpoint exactly."""
-    run.create(cfg.to_dict(), resume)
     s = build(cfg)
     model = s.model
     optimizer = build_optimizer(model, cfg.optimizer)
     schedule = build_schedule(optimizer, cfg.scheduler, cfg.train.epochs, len(s.train_loader), cfg.optimizer.lr)
+    run.create(cfg.to_dict(), resume)  # after every check: a failed start leaves no run folder behind
     scaler = s.precision.scaler(s.device)
     step_model = torch.compile(model) if cfg.train.compile else model
     history, best_acc, start_epoch = [], -1.0, 0

@@ -1,0 +1,200 @@
+"""Optimizer and LR-schedule registries: torch's own classes, configured from the dataclasses.
+
+A `Schedule` hides when each torch scheduler steps: the loop calls `after_batch()` after every
+optimizer step and `after_epoch(test_loss)` at each epoch end, whatever the scheduler.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from beton.errors import UserError
+
+from .config import OptimizerConfig, SchedulerConfig
+
+# ---------------------------------------------------------------- optimizers
+
+Params = Iterable  # tensors or param-group dicts, as torch.optim takes them
+
+
+def _sgd(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.nesterov and cfg.momentum == 0:
+        raise UserError("optimizer.nesterov needs a positive optimizer.momentum")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def _adam(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _adamw(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[Params, OptimizerConfig], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adamw,
+}
+
+# Norm layers, timm's subclasses (BatchNormAct2d, LayerNorm2d..) included.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
+
+
+def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed): every bias and every norm-layer parameter go in the second list.
+
+    Decaying a norm's scale or a bias only shrinks what the next norm undoes anyway, and
+    fights the affine the norm is there to learn.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if isinstance(module, NORM_TYPES) or name == "bias" else decay).append(param)
+    return decay, no_decay
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}")
+    params: Params = model.parameters()
+    if cfg.no_decay_norm_bias:
+        decay, no_decay = split_decay(model)
+        params = [group for group in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0})
+                  if group["params"]]
+    return OPTIMIZERS[cfg.name](params, cfg)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+class Schedule:
+    """A torch LR scheduler (None: constant LR) and when to step it.
+
+    `per_batch` schedulers step in `after_batch`, the others in `after_epoch`;
+    ReduceLROnPlateau is given the epoch's test loss.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Optional[object], per_batch: bool):
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.per_batch = per_batch
+
+    def after_batch(self) -> None:
+        if self.scheduler is not None and self.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, test_loss: float) -> None:
+        if self.scheduler is None or self.per_batch:
+            return
+        if isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(test_loss)
+        else:
+            self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        """The current LR of the first param group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def kind(self) -> str:
+        return "none" if self.scheduler is None else type(self.scheduler).__name__
+
+    def state_dict(self) -> dict:
+        """Plain values only (torch schedulers keep no callables), so weights_only loading reads it."""
+        state = self.scheduler.state_dict() if self.scheduler is not None else {}
+        return {"kind": self.kind, "scheduler": state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise UserError(f"the checkpoint's LR schedule is {state.get('kind')}, the config's is {self.kind}")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+    """One cycle, stepped per batch: from max_lr/div_factor up to max_lr, then down to
+    initial_lr/final_div_factor.
+
+    The peak is the LR of the last batch of epoch `peak_epoch` (counting from 1), that is
+    optimizer step peak_epoch * steps_per_epoch, give or take one for float rounding. The seed recipe
+    "max at epoch 5 of 24, no annihilation" is `peak_epoch: 5` with `final_div_factor: 1`:
+    the LR ends where it started, at max_lr/div_factor, never below.
+    max_lr defaults to `base_lr` (the optimizer's LR); "find" must be resolved by the caller.
+    """
+    max_lr = cfg.max_lr if cfg.max_lr is not None else base_lr
+    if max_lr == "find":
+        raise ValueError("scheduler.max_lr 'find' must be resolved to a number before building the schedule")
+    if cfg.peak_epoch is not None and cfg.peak_epoch >= epochs:
+        raise UserError(f"scheduler.peak_epoch ({cfg.peak_epoch:g}) must be less than train.epochs ({epochs}); "
+                        f"for a short run add --set scheduler.peak_epoch={max(epochs / 4, 0.25):g}")
+    total = epochs * steps_per_epoch
+    if total < 4:
+        raise UserError(f"onecycle needs at least 4 optimizer steps, this run has {total} "
+                        f"({epochs} epochs x {steps_per_epoch} batches); train longer or on more images")
+    if cfg.cycle_momentum and isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0:
+        raise UserError("onecycle cycles momentum between 0.85 and 0.95, overriding optimizer.momentum 0; "
+                        "set scheduler.cycle_momentum: false to keep SGD without momentum")
+    pct_start = cfg.peak_epoch / epochs if cfg.peak_epoch is not None else cfg.pct_start
+    # torch divides by each phase's length in steps: keep both phases at least 2 steps long
+    pct_start = min(max(pct_start, 2 / total), 1 - 2 / total)
+    scheduler = lr_scheduler.OneCycleLR(
+        optimizer, max_lr=float(max_lr), total_steps=total, pct_start=pct_start,
+        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, three_phase=cfg.three_phase,
+        anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum)
+    return Schedule(optimizer, scheduler, per_batch=True)
+
+
+def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+    """LR times gamma every step_size epochs."""
+    return Schedule(optimizer, lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma),
+                    per_batch=False)
+
+
+def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+    """LR times factor once the test loss has not improved for more than `patience` epochs."""
+    scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor, patience=cfg.patience,
+                                               threshold=cfg.threshold, min_lr=cfg.min_lr)
+    return Schedule(optimizer, scheduler, per_batch=False)
+
+
+def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+    """Half a cosine from the optimizer's LR to eta_min over the whole run, per batch."""
+    scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=cfg.eta_min)
+    return Schedule(optimizer, scheduler, per_batch=True)
+
+
+def _constant(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+    return Schedule(optimizer, None, per_batch=False)
+
+
+SCHEDULERS: dict[str, Callable[..., Schedule]] = {
+    "onecycle": _onecycle,
+    "step": _step,
+    "plateau": _plateau,
+    "cosine": _cosine,
+    "none": _constant,
+}
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int,
+                   base_lr: float) -> Schedule:
+    """The configured schedule over `epochs` x `steps_per_epoch` optimizer steps.
+
+    `base_lr` is the peak for onecycle without scheduler.max_lr; the other schedules start
+    from the LR the optimizer was built with.
+    """
+    if cfg.name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {cfg.name!r}; known: {', '.join(SCHEDULERS)}")
+    if epochs < 1 or steps_per_epoch < 1:
+        raise UserError(f"a schedule needs at least one epoch and one batch per epoch "
+                        f"(got {epochs} epochs of {steps_per_epoch} batches)")
+    return SCHEDULERS[cfg.name](optimizer, cfg, epochs, steps_per_epoch, base_lr)
