@@ -15,9 +15,9 @@ export FASTCIFAR_DATA ?= $(CURDIR)/data
 
 .PHONY: run test setup system-deps betons bench clean
 
+# The main job: betons, then the quickstart model (a complete run is kept, a partial one resumed).
 run: betons
-	$(FASTCIFAR) beton inspect $(FASTCIFAR_DATA)/cifar10
-	$(FASTCIFAR) bench loader --beton $(FASTCIFAR_DATA)/cifar10
+	$(FASTCIFAR) sweep configs/quickstart.yaml --out runs
 
 test: setup
 	$(PY) -m pytest -q

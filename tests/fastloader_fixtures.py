@@ -61,3 +61,26 @@ def real_cifar10() -> Path:
     if not (REAL_CIFAR10 / "test_batch").is_file():
         pytest.skip(f"real CIFAR-10 not found at {REAL_CIFAR10}")
     return REAL_CIFAR10
+
+
+def learnable_source(n_train: int = 1000, n_test: int = 200, seed: int = 4) -> Source:
+    """Ten classes a small net separates in a few epochs: each class has its own colour and stripe."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(30, 225, size=(10, 3))
+    yy, xx = np.mgrid[0:32, 0:32]
+
+    def split(n):
+        labels = rng.integers(0, 10, n).astype(np.int64)
+        stripe = ((xx[None] + yy[None] * labels[:, None, None]) // 4 % 2)[..., None] * 40
+        noise = rng.integers(-25, 25, size=(n, 32, 32, 3))
+        images = np.clip(colours[labels][:, None, None, :] + stripe + noise, 0, 255).astype(np.uint8)
+        return Split(images, labels)
+
+    return Source("cifar10", CLASSES, {"train": split(n_train), "test": split(n_test)}, "synthetic-learnable")
+
+
+@pytest.fixture(scope="session")
+def learnable_betons(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("learnable") / "cifar10"
+    write_betons(learnable_source(), out)
+    return out

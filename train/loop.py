@@ -148,8 +148,11 @@ def summary_line(m: dict, epochs: int) -> str:
             f"({m['test_acc']:.2f}%)  |  lr {m['lr']:.3e}  |  {m['seconds']:.1f} s ({m['images_per_s']:,.0f} img/s)")
 
 
-def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False) -> list[dict]:
-    """Train `cfg` into `run`; with `resume`, continue from run's last checkpoint exactly."""
+def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+    """Train `cfg` into `run`; with `resume`, continue from run's last checkpoint exactly.
+
+    `stop_after`: end after that epoch (checkpointed), as if interrupted there.
+    """
     s = build(cfg)
     model = s.model
     optimizer = build_optimizer(model, cfg.optimizer)
@@ -175,7 +178,7 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False) -> list[dict]:
                 f"{s.precision.name} on {s.device}; {s.train_loader.num_samples:,} train / "
                 f"{s.test_loader.num_samples:,} test images")
     board = _board(run, start_epoch)
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, min(cfg.train.epochs, stop_after or cfg.train.epochs)):
         lr = schedule.lr
         train = train_epoch(s, step_model, optimizer, schedule, scaler, epoch, f"epoch {epoch + 1}/{cfg.train.epochs}")
         test = evaluate(s, step_model)

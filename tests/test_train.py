@@ -1,0 +1,141 @@
+"""Training: a tiny run learns, resume is exact, sweeps fill a table, bad input is one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from beton.errors import UserError
+from fastcifar_cli import main
+from train.config import build_config
+from train.loop import Diverged, fit
+from train.run import RunDir
+from train.sweep import sweep
+
+TIMING = ("seconds", "images_per_s")
+
+
+def tiny(betons, **over) -> dict:
+    raw = {
+        "name": "tiny",
+        "model": {"name": "fastnet"},
+        "data": {"beton_dir": str(betons), "batch_size": 100, "workers": 2,
+                 "augment": [{"random_crop": {"padding": 2}}, "flip"]},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+        "scheduler": {"name": "onecycle", "max_lr": 0.1, "pct_start": 0.25},
+        "train": {"epochs": 3, "precision": "bf16", "seed": 1},
+    }
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        raw[section][field] = value
+    return raw
+
+
+def without_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+def test_tiny_run_learns_and_fills_its_run_folder(learnable_betons, tmp_path):
+    run = RunDir(tmp_path / "run")
+    history = fit(build_config(tiny(learnable_betons)), run)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 60.0  # chance is 10%
+    files = {p.name for p in run.path.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "train.log", "summary.json", "tb",
+            "checkpoint_last.pt", "checkpoint_best.pt"} <= files
+    assert list((run.path / "tb").glob("events.out.tfevents.*"))
+    assert without_timing(run.metrics()) == without_timing(history)
+    assert set(history[0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
+                               "images_per_s"}
+    state = torch.load(run.last, weights_only=True)
+    assert state["epoch"] == 3 and "model" in state and "optimizer" in state
+    log = (run.path / "train.log").read_text()
+    assert "Test set: Average loss:" in log and "Accuracy:" in log
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "plateau"])
+def test_resume_gives_the_same_metrics_and_weights(learnable_betons, tmp_path, scheduler):
+    cfg = build_config(tiny(learnable_betons, scheduler__name=scheduler, train__precision="fp32"))
+    whole = RunDir(tmp_path / "whole")
+    fit(cfg, whole)
+    stopped = RunDir(tmp_path / "stopped")
+    fit(cfg, stopped, stop_after=1)
+    assert len(stopped.metrics()) == 1
+    fit(cfg, stopped, resume=True)
+    assert without_timing(stopped.metrics()) == without_timing(whole.metrics())
+    a = torch.load(whole.last, weights_only=True)["model"]
+    b = torch.load(stopped.last, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_with_a_clear_error(learnable_betons, tmp_path):
+    cfg = build_config(tiny(learnable_betons, optimizer__lr=1e12, scheduler__name="none", train__epochs=1))
+    with pytest.raises(Diverged, match="loss became"):
+        fit(cfg, RunDir(tmp_path / "nan"))
+
+
+def test_sweep_fills_results_and_skips_complete_runs(learnable_betons, tmp_path):
+    import yaml
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for norm in ("batch", "layer"):
+        raw = tiny(learnable_betons, train__epochs=1)
+        raw["name"], raw["model"]["norm"] = f"tiny_{norm}", norm
+        (configs / f"tiny_{norm}.yaml").write_text(yaml.safe_dump(raw))
+    results = sweep([configs], [], tmp_path / "runs", log=lambda line: None)
+    table = results.read_text()
+    assert table.count("| fastnet | ") == 2 and "| layer |" in table and "| batch |" in table
+    assert "Training Accuracy" in table and "tiny_layer.yaml" in table
+    seen = []
+    sweep([configs], [], tmp_path / "runs", log=seen.append)
+    assert all(line.startswith("skip") for line in seen)
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr()
+
+
+def test_cli_train_and_resume(learnable_betons, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=1)))
+    code, out = run_cli(["train", str(config), "--out", str(tmp_path / "r"), "--subset", "400"], capsys)
+    assert code == 0 and "done: final test accuracy" in out.out, out.err
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["complete"]
+    code, out = run_cli(["train", "--resume", str(tmp_path / "r")], capsys)
+    assert code == 0  # nothing left to do: resumes after the last epoch and ends
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet99", "unknown model"),
+    ("optimizer.name=lion", "optimizer.name"),
+    ("scheduler.name=warmup", "scheduler.name"),
+    ("train.epochs=-3", "train.epochs"),
+    ("train.epochs=many", "train.epochs"),
+    ("trian.epochs=3", "unknown key"),
+    ("data.beton_dir=/nonexistent/betons", "/nonexistent/betons"),
+    ("data.augment=[{cutout: {size: 99}}]", "Cutout.size"),
+])
+def test_bad_config_is_one_line_exit_2(learnable_betons, tmp_path, capsys, override, message):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons)))
+    code, out = run_cli(["train", str(config), "--set", override, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1 and message in out.err
+    assert "Traceback" not in out.err
+    assert not (tmp_path / "r").exists()  # a failed start leaves no run folder
+
+
+def test_missing_config_and_resume_without_checkpoint(tmp_path, capsys):
+    code, out = run_cli(["train", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "config not found" in out.err
+    code, out = run_cli(["train", "--resume", str(tmp_path)], capsys)
+    assert code == 2 and "checkpoint" in out.err
