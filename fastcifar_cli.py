@@ -16,6 +16,8 @@ from beton.errors import UserError
 from fastloader.cli import bench_loader
 from train.cli import bench_train_command, sweep_command, train_command
 from train.models import models_command
+from train.lr_find import lr_find_command
+from analysis.cli import analyze_command
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -33,6 +35,8 @@ app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)
 app.command("models")(models_command)
+app.command("lr-find")(lr_find_command)
+app.command("analyze")(analyze_command)
 
 
 @app.callback()

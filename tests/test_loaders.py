@@ -168,3 +168,13 @@ def test_bench_cli_bad_path_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_loader_json_has_every_key(beton_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "loader", "--beton", str(beton_dir), "--batches", "2", "--json"])
+    assert exc.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("fastcifar_loader", "fastcifar_device", "fastcifar_test", "torchvision", "albumentations",
+                "ffcv_builtin"):
+        assert result[key] > 0, key

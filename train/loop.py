@@ -162,7 +162,7 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
     step_model = torch.compile(model) if cfg.train.compile else model
     history, best_acc, start_epoch = [], -1.0, 0
     if resume:
-        state = checkpoint.load(run.last, map_location=s.device)
+        state = checkpoint.load(run.last)  # on the CPU: RNG states must stay CPU tensors
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

@@ -1,0 +1,334 @@
+"""LR range test (`fastcifar lr-find`) and `scheduler.max_lr: find`.
+
+The test trains from the current weights for up to `iters` batches of the train loader
+(cycling epochs if needed), the LR growing exponentially from `start` to `end`:
+lr_i = start * (end / start) ** (i / (iters - 1)). It records each batch's loss and an
+exponential moving average with bias correction,
+    avg_i = smooth * avg_(i-1) + (1 - smooth) * loss_i,   smoothed_i = avg_i / (1 - smooth ** (i + 1)),
+and stops once the smoothed loss exceeds `diverge` times the best so far (or is not finite).
+Afterwards the model's weights and buffers, the optimizer's state, the RNG state and the train
+loader's epoch counter are restored from deep copies: training after a range test is the same
+as training without one.
+
+Suggestions, all among the tested LRs (so inside [start, end]):
+- steepest: where the smoothed loss falls fastest per decade of LR (most negative
+  d smoothed / d log10 lr);
+- valley: the middle (geometric mean in LR) of the longest descending stretch of the smoothed
+  loss, i.e. the longest strictly decreasing subsequence of it: well inside the region where
+  training still improves, short of the minimum where it starts to fail. `max_lr: find` uses it;
+- min/10: the LR of the minimum smoothed loss, divided by 10 (the classic rule of thumb),
+  raised to `start` if it would fall below the tested range.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+
+from beton.atomic import atomic_path, atomic_write_text
+from beton.errors import UserError
+
+from . import checkpoint as ckpt
+from .config import ExperimentConfig
+from .optim import build_optimizer
+
+SUGGESTIONS = ("steepest", "valley", "min/10")
+MAX_LR_SUGGESTION = "valley"  # what `scheduler.max_lr: find` uses
+
+
+# ---------------------------------------------------------------- the test
+
+
+def _check_range(start: float, end: float, iters: int, smooth: float, diverge: float) -> None:
+    if not (start > 0 and end > start and math.isfinite(end)):
+        raise UserError(f"the LR range must satisfy 0 < start < end, got start {start:g}, end {end:g}")
+    if iters < 2:
+        raise UserError(f"--iters must be at least 2, got {iters}")
+    if not 0 <= smooth < 1:
+        raise UserError(f"smooth must be in [0, 1), got {smooth}")
+    if diverge <= 1:
+        raise UserError(f"diverge must be greater than 1, got {diverge}")
+
+
+def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, *, precision, device,
+               start: float = 1e-7, end: float = 10.0, iters: int = 100, smooth: float = 0.98,
+               diverge: float = 4.0, label_smoothing: float = 0.0, progress: bool = True) -> dict:
+    """Run the range test on `model` with `optimizer` over `loader`; restores all state afterwards.
+
+    Returns the result dict (see `lr_find`).
+    """
+    _check_range(start, end, iters, smooth, diverge)
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    rng_state = ckpt.rng_state()
+    loader_epoch = getattr(loader, "epoch", None)
+    was_training = model.training
+    scaler = precision.scaler(device)
+    factor = (end / start) ** (1.0 / (iters - 1))
+    lrs, losses, smoothed = [], [], []
+    avg, best, stop_reason = 0.0, math.inf, None
+    try:
+        model.train()
+        batches = _epochs(loader)
+        bar = _bar(iters, progress)
+        for i in range(iters):
+            images, labels = next(batches)
+            lr = start * factor ** i
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with precision.autocast(device):
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            value = float(loss.detach().float().item())
+            avg = smooth * avg + (1 - smooth) * value
+            s = avg / (1 - smooth ** (i + 1))
+            bar.update(1)
+            if not math.isfinite(s):
+                stop_reason = f"loss became {value} at lr {lr:.3e}"
+                break
+            lrs.append(lr)
+            losses.append(value)
+            smoothed.append(s)
+            best = min(best, s)
+            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{s:.4f}", refresh=False)
+            if s > diverge * best:
+                stop_reason = f"smoothed loss {s:.4f} > {diverge:g} x best {best:.4f} at lr {lr:.3e}"
+                break
+        bar.close()
+        batches.finish()
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        optimizer.zero_grad(set_to_none=True)
+        ckpt.set_rng_state(rng_state)
+        if loader_epoch is not None:
+            loader.set_epoch(loader_epoch)
+        model.train(was_training)
+    if len(lrs) < 2:
+        raise UserError(f"the LR range test stopped after {len(lrs)} step(s) ({stop_reason}); "
+                        f"start lower than {start:g}")
+    return {"start": start, "end": end, "iters": iters, "smooth": smooth, "diverge": diverge,
+            "steps": len(lrs), "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
+            "lr": lrs, "loss": losses, "smoothed": smoothed, "suggestions": suggestions(lrs, smoothed),
+            "max_lr_suggestion": MAX_LR_SUGGESTION}
+
+
+class _epochs:
+    """Batches of a loader epoch after epoch, each epoch read to its end when finished early:
+    an FFCV epoch abandoned midway keeps its worker thread and buffers alive."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = iter(self.loader)
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.iterator = None
+        raise UserError("the train loader yields no batches (fewer images than one batch with drop_last?)")
+
+    def finish(self) -> None:
+        if self.iterator is not None:
+            for _ in self.iterator:
+                pass
+            self.iterator = None
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="lr-find", leave=False, disable=None if enabled else True, dynamic_ncols=True)
+
+
+def _longest_descent(values: list[float]) -> tuple[int, int]:
+    """(first, last) positions of the longest strictly decreasing subsequence of `values`
+    (the earliest-ending one among equals)."""
+    n = len(values)
+    length = [1] * n
+    for i in range(n):
+        for j in range(i):
+            if values[j] > values[i] and length[j] + 1 > length[i]:
+                length[i] = length[j] + 1
+    end = max(range(n), key=lambda i: (length[i], -i))
+    # walk back to the subsequence's first element
+    first, need, current = end, length[end] - 1, end
+    for j in range(end - 1, -1, -1):
+        if need == 0:
+            break
+        if length[j] == need and values[j] > values[current]:
+            first, current, need = j, j, need - 1
+    return first, end
+
+
+def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
+    """steepest, valley and min/10 (see the module docstring), each within [lrs[0], lrs[-1]]."""
+    lr = np.asarray(lrs, dtype=float)
+    loss = np.asarray(smoothed, dtype=float)
+    lo, hi = float(lr[0]), float(lr[-1])
+    slope = np.gradient(loss, np.log10(lr))
+    steepest = float(lr[int(np.argmin(slope))])
+    first, last = _longest_descent(list(loss))
+    valley = float(math.sqrt(lr[first] * lr[last]))
+    min_10 = float(lr[int(np.argmin(loss))] / 10)
+    clip = lambda v: float(min(max(v, lo), hi))  # noqa: E731
+    return {"steepest": clip(steepest), "valley": clip(valley), "min/10": clip(min_10)}
+
+
+def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters: int = 100,
+            smooth: float = 0.98, diverge: float = 4.0, setup=None, optimizer=None, progress: bool = True) -> dict:
+    """The LR range test for `cfg`: on `setup` (a `train.loop.Setup`; built from cfg when None),
+    with `optimizer` (default: `build_optimizer(model, cfg.optimizer)`, its LR set per step).
+
+    Model, optimizer, RNG and loader epoch are restored afterwards. Returns a dict with the
+    tested `lr`, raw `loss`, `smoothed` loss (one per step actually run), `steps`,
+    `stopped_early`/`stop_reason`, the arguments, and `suggestions` {steepest, valley, min/10}.
+    """
+    _check_range(start, end, iters, smooth, diverge)
+    if setup is None:
+        from .loop import build
+
+        setup = build(cfg)
+    if optimizer is None:
+        optimizer = build_optimizer(setup.model, cfg.optimizer)
+    return range_test(setup.model, setup.train_loader, optimizer, precision=setup.precision, device=setup.device,
+                      start=start, end=end, iters=iters, smooth=smooth, diverge=diverge,
+                      label_smoothing=cfg.train.label_smoothing, progress=progress)
+
+
+# ---------------------------------------------------------------- output
+
+
+def plot(result: dict, path: str | Path, title: str = "") -> Path:
+    """lr_find.png: raw and smoothed loss against the LR (log scale), suggestions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lr, loss, smoothed = result["lr"], result["loss"], result["smoothed"]
+    ax.plot(lr, loss, color="0.75", linewidth=1, label="loss per batch")
+    ax.plot(lr, smoothed, color="C0", linewidth=2, label="smoothed loss")
+    colours = {"steepest": "C1", "valley": "C2", "min/10": "C3"}
+    for name, value in result["suggestions"].items():
+        y = float(np.interp(np.log10(value), np.log10(lr), smoothed))
+        ax.axvline(value, color=colours.get(name, "k"), linestyle="--", linewidth=1)
+        ax.plot([value], [y], "o", color=colours.get(name, "k"), markersize=8, label=f"{name}: {value:.2e}")
+    ax.set_xscale("log")
+    low, high = min(smoothed), max(smoothed[0], min(max(smoothed), 2 * smoothed[0]))
+    pad = 0.05 * (high - low or 1)
+    ax.set_ylim(low - pad, high + 4 * pad)
+    ax.set_xlabel("learning rate (log scale)", fontsize=11)
+    ax.set_ylabel("training loss", fontsize=11)
+    stop = f"; stopped: {result['stop_reason']}" if result.get("stop_reason") else ""
+    ax.set_title(title or "LR range test", fontsize=12)
+    ax.text(0.01, 0.01, f"{result['steps']} steps from {result['start']:.0e} to {result['end']:.0e}{stop}",
+            transform=ax.transAxes, fontsize=8, va="bottom")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def write(result: dict, out: str | Path, title: str = "") -> tuple[Path, Path]:
+    """lr_find.json and lr_find.png in folder `out`."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror or e}") from e
+    json_path = out / "lr_find.json"
+    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+    return json_path, plot(result, out / "lr_find.png", title)
+
+
+def describe(result: dict) -> list[str]:
+    lines = [f"{name:>8}: {value:.3e}" for name, value in result["suggestions"].items()]
+    if result["stopped_early"]:
+        lines.append(f"stopped after {result['steps']} of {result['iters']} steps: {result['stop_reason']}")
+    return lines
+
+
+# ---------------------------------------------------------------- max_lr: find
+
+
+def resolve_max_lr(cfg: ExperimentConfig, setup, log: Callable[[str], None] = print,
+                   out: Optional[Path] = None) -> ExperimentConfig:
+    """`scheduler.max_lr: find` -> a number: for a OneCycle config asking for it, run the range test
+    (default range, 1e-7 to 10 over 100 batches) on `setup`'s model and train loader, restoring them,
+    and return a copy of `cfg` whose max_lr is the `valley` suggestion. Any other config is returned
+    as it is. With `out`, lr_find.json/png are written there too.
+    """
+    if cfg.scheduler.name != "onecycle" or cfg.scheduler.max_lr != "find":
+        return cfg
+    result = lr_find(cfg, setup=setup)
+    value = float(result["suggestions"][MAX_LR_SUGGESTION])
+    others = ", ".join(f"{k} {v:.3e}" for k, v in result["suggestions"].items() if k != MAX_LR_SUGGESTION)
+    log(f"lr-find: scheduler.max_lr = {value:.3e} ({MAX_LR_SUGGESTION} of a {result['steps']}-step range test; "
+        f"{others})")
+    if out is not None:
+        write(result, out, f"{cfg.name}: LR range test")
+    return dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, max_lr=value))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def lr_find_command(
+    config: Path = typer.Argument(..., help="Experiment YAML (model, data, optimizer are taken from it)."),
+    start: float = typer.Option(1e-7, "--start", help="First LR of the range."),
+    end: float = typer.Option(10.0, "--end", help="Last LR of the range."),
+    iters: int = typer.Option(100, "--iters", help="Batches (LR steps) in the test."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set model.name=resnet34 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for lr_find.png and lr_find.json "
+                                       "(default: runs/<name>-lr-find)."),
+) -> None:
+    """LR range test: exponential LR steps from --start to --end, smoothed loss, stop on divergence;
+    writes lr_find.png and lr_find.json and prints the suggestions (steepest, valley, min/10).
+
+    Example: fastcifar lr-find configs/custom_resnet_onecycle.yaml --iters 100
+    """
+    from .config import load_config
+
+    _check_range(start, end, iters, 0.98, 4.0)
+    cfg = load_config(config, list(sets or []))
+    folder = out or Path("runs") / f"{cfg.name}-lr-find"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = lr_find(cfg, start=start, end=end, iters=iters)
+    json_path, png_path = write(result, folder, f"{cfg.name}: LR range test")
+    typer.echo(f"LR range test of {cfg.name}: {result['steps']} steps from {start:.1e} to {end:.1e}")
+    for line in describe(result):
+        typer.echo(line)
+    typer.echo(f"for OneCycle: --set scheduler.max_lr={result['suggestions'][MAX_LR_SUGGESTION]:.3g} "
+               f"({MAX_LR_SUGGESTION}), or scheduler.max_lr: find")
+    typer.echo(f"wrote {json_path} and {png_path}")
