@@ -170,7 +170,7 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
             scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         history, best_acc, start_epoch = list(state["history"]), float(state["best_acc"]), int(state["epoch"])
-        run.write_metrics(history)
+        _record(run, cfg, model, history)  # a crash may have left them behind the checkpoint
         run.log(f"resumed {run.path} after epoch {start_epoch}/{cfg.train.epochs}")
     else:
         run.log(f"run {cfg.name}: {cfg.model.name} ({cfg.model.norm} norm), {count_parameters(model):,} parameters, "
@@ -190,17 +190,23 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "rng": checkpoint.rng_state(),
                  "epoch": epoch + 1, "history": history, "best_acc": best_acc, "config": cfg.to_dict()}
-        checkpoint.save(run.last, state)
-        if improved:
+        if improved:  # best before last: a crash between the two re-runs this epoch and rewrites both
             checkpoint.save(run.best, state)
-        run.write_metrics(history)
-        run.write_summary(_summary(cfg, model, history))
+        checkpoint.save(run.last, state)
+        _record(run, cfg, model, history)
         run.log(summary_line(metrics, cfg.train.epochs))
         for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s"):
             board.add_scalar(key, metrics[key], epoch + 1)
         board.flush()
     board.close()
     return history
+
+
+def _record(run: RunDir, cfg: ExperimentConfig, model, history: list[dict]) -> None:
+    """metrics.jsonl and summary.json from the history (the checkpoint's, on resume)."""
+    run.write_metrics(history)
+    if history:
+        run.write_summary(_summary(cfg, model, history))
 
 
 def _summary(cfg: ExperimentConfig, model, history: list[dict]) -> dict:
