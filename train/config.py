@@ -92,7 +92,6 @@ class TrainConfig:
     grad_clip: Optional[float] = None  # max gradient norm
     compile: bool = False  # torch.compile the model
     seed: int = 0
-    threads: Optional[int] = None  # torch CPU threads (default: torch's)
 
     def __post_init__(self):
         if self.epochs < 1:

@@ -64,8 +64,6 @@ class Setup:
 def build(cfg: ExperimentConfig) -> Setup:
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     manifest = read_manifest(cfg.data.folder())
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, num_classes=len(manifest["classes"]))
