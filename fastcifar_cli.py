@@ -11,13 +11,15 @@ import click
 import typer
 from typer.exceptions import TyperException
 
+from analysis.cli import analyze_command
+from analysis.report import analyze
 from beton.cli import app as beton_app
 from beton.errors import UserError
 from fastloader.cli import bench_loader
+from train import cli as train_cli
 from train.cli import bench_train_command, sweep_command, train_command
-from train.models import models_command
 from train.lr_find import lr_find_command
-from analysis.cli import analyze_command
+from train.models import models_command
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -37,6 +39,7 @@ app.command("sweep")(sweep_command)
 app.command("models")(models_command)
 app.command("lr-find")(lr_find_command)
 app.command("analyze")(analyze_command)
+train_cli.AFTER_RUN.append(lambda run_dir: analyze(run_dir, log=typer.echo))  # train runs it, not imports it
 
 
 @app.callback()

@@ -17,6 +17,11 @@ from .predictions import Predictions
 PICKS = ("most-confident", "first", "random")
 
 
+def check_pick(pick: str) -> None:
+    if pick not in PICKS:
+        raise UserError(f"--pick must be one of {', '.join(PICKS)}, got {pick!r}")
+
+
 def pick_misclassified(preds: Predictions, n: int, pick: str = "most-confident",
                        seed: int = 0) -> tuple[np.ndarray, str | None]:
     """Up to `n` positions (into `preds`) of misclassified samples, in gallery order, and a note
@@ -25,8 +30,7 @@ def pick_misclassified(preds: Predictions, n: int, pick: str = "most-confident",
     most-confident: the most confident wrong predictions first; first: dataset order;
     random: a seeded random draw, in draw order.
     """
-    if pick not in PICKS:
-        raise UserError(f"--pick must be one of {', '.join(PICKS)}, got {pick!r}")
+    check_pick(pick)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     wrong = np.flatnonzero(preds.predicted != preds.labels)

@@ -30,7 +30,7 @@ from fastloader.loaders import read_split
 from train.models import count_parameters
 
 from . import confusion, curves, gradcam, plots
-from .gallery import pick_misclassified, plot_gallery, titles
+from .gallery import check_pick, pick_misclassified, plot_gallery, titles
 from .predictions import LoadedRun, Predictions, load_run, predict, test_loader
 
 TARGETS = ("predicted", "true")
@@ -82,8 +82,7 @@ def analyze(run_dir: str | Path, checkpoint: str = "best", n: int = 20, pick: st
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     gradcam.method_class(method)  # unknown method: fail now
-    pick_misclassified(Predictions(np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)),
-                       n, pick, seed)  # checks --pick
+    check_pick(pick)
     loaded = load_run(run_dir, checkpoint)
     layer_name, layer_size = gradcam.resolve_layer(loaded.model, layer, allow_small_layer)
     out = loaded.run.path
@@ -144,6 +143,8 @@ def analyze(run_dir: str | Path, checkpoint: str = "best", n: int = 20, pick: st
 
     for line in confusion.per_class_lines(matrix, loaded.classes):
         log(line)
+    if pairs:
+        log("most confused: " + ", ".join(f"{q['true']} -> {q['predicted']} ({q['count']})" for q in pairs))
     if note:
         log(note)
     log(f"test accuracy {preds.accuracy:.2f}% ({int((preds.predicted == preds.labels).sum()):,}/{len(preds.labels):,}); "

@@ -70,8 +70,12 @@ class CifarLoader:
         self.epoch += 1
         self._cell.epoch = epoch
         self._loader.next_epoch = epoch
-        for images, labels, indices in self._loader:
-            yield self._finish(images, indices, epoch), labels, indices
+        iterator = iter(self._loader)
+        try:
+            for images, labels, indices in iterator:
+                yield self._finish(images, indices, epoch), labels, indices
+        finally:
+            iterator.close()  # an epoch left early would otherwise keep FFCV's worker thread waiting
 
 
 def _check_files(folder: Path, manifest: dict) -> None:

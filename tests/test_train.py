@@ -108,7 +108,8 @@ def test_cli_train_and_resume(learnable_betons, tmp_path, capsys):
     code, out = run_cli(["train", str(config), "--out", str(tmp_path / "r"), "--subset", "400"], capsys)
     assert code == 0 and "done: final test accuracy" in out.out, out.err
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["complete"]
-    code, out = run_cli(["train", "--resume", str(tmp_path / "r")], capsys)
+    assert (tmp_path / "r" / "report.md").is_file()  # train ends with the analysis
+    code, out = run_cli(["train", "--resume", str(tmp_path / "r"), "--no-analyze"], capsys)
     assert code == 0  # nothing left to do: resumes after the last epoch and ends
 
 
@@ -139,3 +140,11 @@ def test_missing_config_and_resume_without_checkpoint(tmp_path, capsys):
     assert code == 2 and "config not found" in out.err
     code, out = run_cli(["train", "--resume", str(tmp_path)], capsys)
     assert code == 2 and "checkpoint" in out.err
+
+
+def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons, tmp_path):
+    run = RunDir(tmp_path / "find")
+    fit(build_config(tiny(learnable_betons, scheduler__max_lr="find", train__epochs=1)), run)
+    max_lr = run.config()["scheduler"]["max_lr"]
+    assert isinstance(max_lr, float) and 1e-7 <= max_lr <= 10
+    assert "valley" in (run.path / "train.log").read_text()

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
 from beton.errors import UserError
 
 RUNS = Path("runs")
+# Called with each finished run folder unless --no-analyze: the CLI root registers the analysis here,
+# since train must not import analysis (dependencies flow beton <- fastloader <- train -> analysis).
+AFTER_RUN: list[Callable[[Path], None]] = []
+
+
+def _after_run(path: Path, analyze: bool) -> None:
+    if analyze:
+        for hook in AFTER_RUN:
+            hook(path)
 
 
 def _overrides(sets: list[str], epochs: int | None, subset: int | None) -> list[str]:
@@ -27,6 +36,7 @@ def train_command(
     subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+    no_analyze: bool = typer.Option(False, "--no-analyze", help="Skip the analysis (report.md, gallery, Grad-CAM) at the end."),
 ) -> None:
     """Train one experiment into a run folder (config, metrics.jsonl, train.log, TensorBoard, checkpoints).
 
@@ -54,6 +64,7 @@ def train_command(
         best = max(history, key=lambda m: m["test_acc"])
         typer.echo(f"done: final test accuracy {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
                    f"at epoch {best['epoch']}; run folder {run.path}")
+        _after_run(run.path, not no_analyze)
 
 
 def sweep_command(
@@ -62,6 +73,7 @@ def sweep_command(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs in every config."),
     subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
     out: Path = typer.Option(RUNS, "--out", help="Folder for the runs and results.md."),
+    no_analyze: bool = typer.Option(False, "--no-analyze", help="Skip each run's analysis (report.md, linked from results.md)."),
 ) -> None:
     """Train each config (complete runs are skipped, partial ones resumed) and fill results.md.
 
@@ -69,7 +81,8 @@ def sweep_command(
     """
     from .sweep import sweep
 
-    results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo)
+    results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo,
+                    after_run=lambda path: _after_run(path, not no_analyze))
     typer.echo(f"results: {results}")
     typer.echo(results.read_text())
 

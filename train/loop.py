@@ -23,6 +23,7 @@ from fastloader.loaders import build_loaders
 from . import checkpoint
 from .config import ExperimentConfig
 from .hardware import Precision, resolve_device, resolve_precision
+from .lr_find import resolve_max_lr
 from .models import count_parameters, create_model
 from .optim import build_optimizer, build_schedule
 from .run import RunDir
@@ -152,10 +153,15 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
     `stop_after`: end after that epoch (checkpointed), as if interrupted there.
     """
     s = build(cfg)
+    found: list[str] = []
+    if not resume:  # `max_lr: find`: a range test first; config.yaml then stores the number, so resume needs none
+        cfg = s.cfg = resolve_max_lr(cfg, s, log=found.append)
     model = s.model
     optimizer = build_optimizer(model, cfg.optimizer)
     schedule = build_schedule(optimizer, cfg.scheduler, cfg.train.epochs, len(s.train_loader), cfg.optimizer.lr)
     run.create(cfg.to_dict(), resume)  # after every check: a failed start leaves no run folder behind
+    for line in found:
+        run.log(line)
     scaler = s.precision.scaler(s.device)
     step_model = torch.compile(model) if cfg.train.compile else model
     history, best_acc, start_epoch = [], -1.0, 0

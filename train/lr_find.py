@@ -13,9 +13,9 @@ as training without one.
 Suggestions, all among the tested LRs (so inside [start, end]):
 - steepest: where the smoothed loss falls fastest per decade of LR (most negative
   d smoothed / d log10 lr);
-- valley: the middle (geometric mean in LR) of the longest descending stretch of the smoothed
-  loss, i.e. the longest strictly decreasing subsequence of it: well inside the region where
-  training still improves, short of the minimum where it starts to fail. `max_lr: find` uses it;
+- valley: the middle (geometric mean of its first and last LR) of the longest stretch of steps
+  over which the smoothed loss keeps falling: well inside the region where training improves,
+  short of the minimum where it starts to fail. `max_lr: find` uses it;
 - min/10: the LR of the minimum smoothed loss, divided by 10 (the classic rule of thumb),
   raised to `start` if it would fall below the tested range.
 """
@@ -165,23 +165,16 @@ def _bar(total: int, enabled: bool):
 
 
 def _longest_descent(values: list[float]) -> tuple[int, int]:
-    """(first, last) positions of the longest strictly decreasing subsequence of `values`
-    (the earliest-ending one among equals)."""
-    n = len(values)
-    length = [1] * n
-    for i in range(n):
-        for j in range(i):
-            if values[j] > values[i] and length[j] + 1 > length[i]:
-                length[i] = length[j] + 1
-    end = max(range(n), key=lambda i: (length[i], -i))
-    # walk back to the subsequence's first element
-    first, need, current = end, length[end] - 1, end
-    for j in range(end - 1, -1, -1):
-        if need == 0:
-            break
-        if length[j] == need and values[j] > values[current]:
-            first, current, need = j, j, need - 1
-    return first, end
+    """(first, last) positions of the longest contiguous stretch over which `values` never rise
+    (the latest among equally long ones: nearer the minimum)."""
+    best = (0, 0)
+    first = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] > values[i - 1]:
+            if i - 1 - first >= best[1] - best[0]:
+                best = (first, i - 1)
+            first = i
+    return best
 
 
 def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
@@ -245,9 +238,8 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("learning rate (log scale)", fontsize=11)
     ax.set_ylabel("training loss", fontsize=11)
     stop = f"; stopped: {result['stop_reason']}" if result.get("stop_reason") else ""
-    ax.set_title(title or "LR range test", fontsize=12)
-    ax.text(0.01, 0.01, f"{result['steps']} steps from {result['start']:.0e} to {result['end']:.0e}{stop}",
-            transform=ax.transAxes, fontsize=8, va="bottom")
+    ax.set_title(f"{title or 'LR range test'}\n{result['steps']} steps from {result['start']:.0e} to "
+                 f"{result['end']:.0e}{stop}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=9)
     fig.tight_layout()
@@ -282,15 +274,16 @@ def describe(result: dict) -> list[str]:
 
 
 def resolve_max_lr(cfg: ExperimentConfig, setup, log: Callable[[str], None] = print,
-                   out: Optional[Path] = None) -> ExperimentConfig:
+                   out: Optional[Path] = None, *, start: float = 1e-7, end: float = 10.0,
+                   iters: int = 100) -> ExperimentConfig:
     """`scheduler.max_lr: find` -> a number: for a OneCycle config asking for it, run the range test
-    (default range, 1e-7 to 10 over 100 batches) on `setup`'s model and train loader, restoring them,
+    (by default 1e-7 to 10 over 100 batches) on `setup`'s model and train loader, restoring them,
     and return a copy of `cfg` whose max_lr is the `valley` suggestion. Any other config is returned
-    as it is. With `out`, lr_find.json/png are written there too.
+    as it is (the same object). With `out`, lr_find.json/png are written there too.
     """
     if cfg.scheduler.name != "onecycle" or cfg.scheduler.max_lr != "find":
         return cfg
-    result = lr_find(cfg, setup=setup)
+    result = lr_find(cfg, start=start, end=end, iters=iters, setup=setup)
     value = float(result["suggestions"][MAX_LR_SUGGESTION])
     others = ", ".join(f"{k} {v:.3e}" for k, v in result["suggestions"].items() if k != MAX_LR_SUGGESTION)
     log(f"lr-find: scheduler.max_lr = {value:.3e} ({MAX_LR_SUGGESTION} of a {result['steps']}-step range test; "

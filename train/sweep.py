@@ -53,23 +53,37 @@ def write_results(rows: list[str], results: Path) -> None:
     atomic_write_text(results, "# Results\n\n" + header + "".join(r + "\n" for r in rows))
 
 
-def _run_one(cfg: ExperimentConfig, run: RunDir, log) -> None:
+def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
+    """Equal configs, where a saved run may hold the number that `max_lr: find` resolved to."""
+    wanted = cfg.to_dict()
+    if wanted["scheduler"]["max_lr"] == "find":
+        wanted["scheduler"]["max_lr"] = saved.get("scheduler", {}).get("max_lr")
+    return saved == wanted
+
+
+def _run_one(cfg: ExperimentConfig, run: RunDir, log, after_run) -> None:
     summary = run.summary()
     if summary is not None:
-        if run.config() != cfg.to_dict():
+        if not _same_config(run.config(), cfg):
             raise UserError(f"{run.path} holds a run of a different config; pick another --out for this sweep")
         if summary["complete"]:
             log(f"skip {cfg.name}: complete in {run.path}")
+            if not (run.path / "report.md").is_file():
+                after_run(run.path)
             return
         log(f"resume {cfg.name} in {run.path}")
         fit(cfg, run, resume=True)
-        return
-    log(f"train {cfg.name} -> {run.path}")
-    fit(cfg, run)
+    else:
+        log(f"train {cfg.name} -> {run.path}")
+        fit(cfg, run)
+    after_run(run.path)
 
 
-def sweep(paths: list[Path], overrides: list[str], out: Path, log=print) -> Path:
-    """Run every config (skipping complete runs), filling out/results.md; returns its path."""
+def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_run=lambda path: None) -> Path:
+    """Run every config (skipping complete runs), filling out/results.md; returns its path.
+
+    `after_run(run_folder)` follows each run (the CLI's analysis, so results.md can link each report).
+    """
     files = collect(paths)
     configs = [(f, load_config(f, overrides)) for f in files]  # validate all before training any
     names = [c.name for _, c in configs]
@@ -80,7 +94,7 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print) -> Path
     rows: list[str] = []
     for file, cfg in configs:
         run = RunDir(out / cfg.name)
-        _run_one(cfg, run, log)
+        _run_one(cfg, run, log, after_run)
         rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
         write_results(rows, results)
     return results
