@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 from beton.errors import UserError
 from beton.paths import dataset_dir
 
-from .augmentations import make_aug
+from .augmentations import make_aug, pack
 
 
 def _type_name(tp) -> str:
@@ -130,10 +130,16 @@ class DataConfig:
                 raise UserError(f"data.{name} must be at least 1 (or null), got {v}")
         if self.seed < 0:
             raise UserError(f"data.seed must be non-negative, got {self.seed}")
-        self.augmentations()  # validates each entry
+        pack(self.augmentations())  # validates each entry, and the list as a whole (sizes, fills)
 
     def augmentations(self):
-        return [make_aug(a) for a in self.augment]
+        augs = []
+        for i, entry in enumerate(self.augment):
+            try:
+                augs.append(make_aug(entry))
+            except UserError as e:
+                raise UserError(f"data.augment[{i}]: {e}") from e
+        return augs
 
     def folder(self) -> str:
         return self.beton_dir or str(dataset_dir(self.dataset))
