@@ -71,7 +71,10 @@ def inspect(
     folder: Annotated[Optional[Path], typer.Argument(help="Beton folder (default: <data root>/cifar10).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest and the checks as JSON.")] = False,
 ) -> None:
-    """Show a beton folder's manifest and check each beton's sha256 (exit 2 on a mismatch)."""
+    """Show a beton folder's manifest and check each beton's sha256 (exit 2 on a mismatch).
+
+    Example: fastcifar beton inspect data/cifar10
+    """
     folder = folder if folder else dataset_dir("cifar10")
     manifest = read_manifest(folder)
     checks = verify(folder, manifest)
