@@ -148,3 +148,14 @@ def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons,
     max_lr = run.config()["scheduler"]["max_lr"]
     assert isinstance(max_lr, float) and 1e-7 <= max_lr <= 10
     assert "valley" in (run.path / "train.log").read_text()
+
+
+def test_rerun_gives_identical_metrics_and_weights(learnable_betons, tmp_path):
+    cfg = build_config(tiny(learnable_betons, train__epochs=2))
+    first, second = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
+    fit(cfg, first)
+    fit(cfg, second)
+    assert without_timing(first.metrics()) == without_timing(second.metrics())
+    a = torch.load(first.last, weights_only=True)["model"]
+    b = torch.load(second.last, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
