@@ -12,7 +12,7 @@ sampled once, bilinearly, with `fill` outside the source image. Pixel specs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np

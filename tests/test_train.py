@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from beton.errors import UserError
 from fastcifar_cli import main
 from train.config import build_config
 from train.loop import Diverged, fit
