@@ -99,13 +99,16 @@ def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: in
         schema.INDEX: [IntDecoder(), ToTensor(), Squeeze()],
     }
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _open(path, batch_size=batch_size, num_workers=workers, order=ORDERS[order], seed=seed,
+                 indices=indices, pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead,
+                 os_cache=os_cache, distributed=distributed)
+
+
+def _open(path: Path, **kwargs) -> Loader:
+    """FFCV's Loader, with its assorted errors on a damaged file turned into one line."""
     try:
-        return Loader(str(path), batch_size=batch_size, num_workers=workers, order=ORDERS[order], seed=seed,
-                      indices=indices, pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead,
-                      os_cache=os_cache, distributed=distributed)
-    except UserError:
-        raise
-    except Exception as e:  # FFCV raises assorted errors on a damaged file
+        return Loader(str(path), **kwargs)
+    except Exception as e:
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
 
 
@@ -173,10 +176,7 @@ def read_split(folder: str | Path, split: str, workers: int | None = None) -> tu
     if not path.is_file():
         raise UserError(f"missing {path}; write it with `fastcifar beton write`")
     pipelines = {schema.IMAGE: [SimpleRGBImageDecoder()], schema.LABEL: [IntDecoder()], schema.INDEX: None}
-    try:
-        loader = Loader(str(path), batch_size=1000, num_workers=workers or -1, order=OrderOption.SEQUENTIAL,
-                        pipelines=pipelines, drop_last=False)
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    loader = _open(path, batch_size=1000, num_workers=workers or -1, order=OrderOption.SEQUENTIAL,
+                   pipelines=pipelines, drop_last=False)
     images, labels = zip(*((x.copy(), y.reshape(-1).copy()) for x, y in loader))
     return np.concatenate(images), np.concatenate(labels)
