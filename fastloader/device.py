@@ -26,8 +26,9 @@ class Normalise:
         self.dtype = dtype
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        scale, offset = self.scale.to(images.device), self.offset.to(images.device)
-        out = torch.addcmul(offset, images.float(), scale).contiguous(memory_format=torch.channels_last)
+        if self.scale.device != images.device:  # once, not a host-to-device copy per batch
+            self.scale, self.offset = self.scale.to(images.device), self.offset.to(images.device)
+        out = torch.addcmul(self.offset, images.float(), self.scale).contiguous(memory_format=torch.channels_last)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
 
