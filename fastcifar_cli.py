@@ -14,7 +14,7 @@ from typer.exceptions import TyperException
 from analysis.cli import analyze_command
 from analysis.report import analyze
 from beton.cli import app as beton_app
-from beton.errors import UserError
+from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
 from train import cli as train_cli
 from train.cli import bench_train_command, sweep_command, train_command
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(0)
         _fail(e.format_message())
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

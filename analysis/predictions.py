@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from beton.atomic import atomic_write_bytes
 from beton.errors import UserError
 from beton.manifest import read_manifest
-from fastloader.loaders import build_loader
+from fastloader.loaders import build_loader, cpu_cores
 from train import checkpoint as ckpt
 from train.config import ExperimentConfig, build_config
 from train.hardware import Precision, resolve_device, resolve_precision
@@ -149,10 +148,6 @@ def test_loader(cfg: ExperimentConfig, device: torch.device, dtype: torch.dtype)
         batch = max(cfg.data.test_batch_size or cfg.data.batch_size, GPU_BATCH)
         data = dataclasses.replace(cfg.data, test_batch_size=batch)
     return build_loader(data, "test", device, dtype)
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def inference_copy(model: torch.nn.Module) -> torch.nn.Module:

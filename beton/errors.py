@@ -7,3 +7,7 @@ class UserError(Exception):
     The message must be one line that names the problem; the CLI prints it
     without a traceback. Anything else escaping a command is a bug.
     """
+
+
+class Interrupted(Exception):
+    """The user stopped a command (Ctrl-C, SIGTERM) and its state was saved; the message says how to go on."""

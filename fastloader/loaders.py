@@ -13,6 +13,7 @@ bus (4x fewer bytes) and the GPU normalises.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from beton import schema
@@ -41,8 +43,9 @@ class CifarLoader:
     a copy (`images.clone()`).
     """
 
-    def __init__(self, loader: Loader, cell: EpochCell, finish, split: str, num_samples: int):
+    def __init__(self, loader: Loader, cell: EpochCell, finish, split: str, num_samples: int, torch_threads: int):
         self._loader = loader
+        self._torch_threads = torch_threads
         self._cell = cell
         self._finish = finish
         self.split = split
@@ -71,11 +74,66 @@ class CifarLoader:
         self._cell.epoch = epoch
         self._loader.next_epoch = epoch
         iterator = iter(self._loader)
+        # FFCV sets torch's thread count to its worker count at every epoch start; put it back, or
+        # the model's CPU reductions (and so the weights) would depend on data.workers
+        torch.set_num_threads(self._torch_threads)
         try:
             for images, labels, indices in iterator:
                 yield self._finish(images, indices, epoch), labels, indices
         finally:
             iterator.close()  # an epoch left early would otherwise keep FFCV's worker thread waiting
+
+
+class ShardedOrder(TraversalOrder):
+    """Rank `rank`'s share of each global batch, so K ranks see what one process would.
+
+    One process with global batch B takes permutation P (FFCV's own: numpy
+    default_rng(seed + epoch)) in slices of B. Here every rank draws the same P
+    and takes its B/K slot of each slice: the ranks' samples are disjoint, cover
+    the epoch, and each step's global batch is the single-process one. (FFCV's
+    distributed order uses DistributedSampler's permutation instead, so a
+    K-process run could not be compared with a one-process run.) The last
+    partial global batch is `tail`: "drop"ped, "pad"ded by wrapping around so
+    every rank runs the same number of steps (training: DDP needs that), or
+    "split" without repeats (evaluation: exact counts, no collective per batch).
+    """
+
+    def __init__(self, rank: int, world: int, global_batch: int, shuffle: bool, tail: str):
+        self.rank, self.world, self.global_batch = rank, world, global_batch
+        self.shuffle, self.tail = shuffle, tail
+
+    def __call__(self, loader: Loader) -> "ShardedOrder":
+        # FFCV's Loader accepts a custom order only as an instance, which it then calls with itself
+        self.indices = np.asarray(loader.indices)
+        self.seed = loader.seed or 0
+        self.distributed, self.loader, self.sampler = True, loader, None
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng(self.seed + epoch).permutation(self.indices) if self.shuffle else self.indices
+        share = self.global_batch // self.world
+        full = len(order) // self.global_batch * self.global_batch
+        mine = order[:full].reshape(-1, self.world, share)[:, self.rank].ravel()
+        rest = len(order) - full
+        if rest and self.tail != "drop":
+            per = -(-rest // self.world)
+            tail = np.resize(order, full + per * self.world)[full:] if self.tail == "pad" else order[full:]
+            mine = np.concatenate([mine, tail[self.rank * per:(self.rank + 1) * per]])
+        return mine
+
+
+def cpu_cores() -> int:
+    """The cores this process may use (its share, when torchrun starts several on one machine):
+    torch computes on all of them, whatever data.workers says."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def _world() -> tuple[int, int]:
+    """(rank, size) of torch.distributed's process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _check_files(folder: Path, manifest: dict) -> None:
@@ -90,7 +148,8 @@ def _check_files(folder: Path, manifest: dict) -> None:
 
 
 def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: int, indices, drop_last: bool,
-                 batches_ahead: int, os_cache: bool, image_ops: list, device: torch.device) -> Loader:
+                 batches_ahead: int, os_cache: bool, image_ops: list, device: torch.device, train: bool) -> Loader:
+    """FFCV's Loader for one split; `batch_size` is global, each rank of a distributed run takes its share."""
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     pipelines = {
         schema.IMAGE: [SimpleRGBImageDecoder(), *image_ops, ToTensor(), *to_device,
@@ -98,10 +157,20 @@ def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: in
         schema.LABEL: [IntDecoder(), ToTensor(), Squeeze(), *to_device],
         schema.INDEX: [IntDecoder(), ToTensor(), Squeeze()],
     }
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return _open(path, batch_size=batch_size, num_workers=workers, order=ORDERS[order], seed=seed,
-                 indices=indices, pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead,
-                 os_cache=os_cache, distributed=distributed)
+    rank, world = _world()
+    if world > 1:
+        if batch_size % world:
+            raise UserError(f"batch size {batch_size} does not divide among {world} processes")
+        if order == "quasi_random":
+            raise UserError("data.order quasi_random is not available in distributed runs; use random")
+        tail = "drop" if drop_last else "pad" if train else "split"
+        order = ShardedOrder(rank, world, batch_size, shuffle=order == "random", tail=tail)
+        batch_size //= world
+    else:
+        order = ORDERS[order]
+    return _open(path, batch_size=batch_size, num_workers=workers, order=order, seed=seed, indices=indices,
+                 pipelines=pipelines, drop_last=drop_last, batches_ahead=batches_ahead, os_cache=os_cache,
+                 distributed=world > 1)
 
 
 def _open(path: Path, **kwargs) -> Loader:
@@ -153,13 +222,12 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
             return normalise(images)
 
     batch = cfg.batch_size if train else (cfg.test_batch_size or cfg.batch_size)
-    world = torch.distributed.get_world_size() if (torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
-    if batch % world:
-        raise UserError(f"batch size {batch} does not divide among {world} processes")
-    loader = _ffcv_loader(folder / schema.beton_name(split), batch // world, cfg.num_workers(),
+    threads = cpu_cores()  # not torch.get_num_threads(): importing FFCV set that to 1
+    loader = _ffcv_loader(folder / schema.beton_name(split), batch, cfg.num_workers(),
                           cfg.order if train else "sequential", cfg.seed, indices,
-                          cfg.drop_last and train, cfg.batches_ahead, cfg.os_cache, image_ops, device)
-    return CifarLoader(loader, cell, finish, split, n)
+                          cfg.drop_last and train, cfg.batches_ahead, cfg.os_cache, image_ops, device, train)
+    torch.set_num_threads(threads)  # FFCV's Loader set it to the worker count
+    return CifarLoader(loader, cell, finish, split, n, threads)
 
 
 def build_loaders(cfg: DataConfig, device: str | torch.device = "cpu",

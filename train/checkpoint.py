@@ -5,12 +5,13 @@ code; a file that is not one (or was tampered with) is a one-line UserError.
 """
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import torch
 
-from beton.atomic import atomic_path
+from beton.atomic import atomic_write_bytes
 from beton.errors import UserError
 
 FORMAT = 1
@@ -18,8 +19,14 @@ LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 
 def save(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    """Serialise in memory, then write atomically: a full or read-only disk is a UserError
+    (torch.save's own file writer would raise a RuntimeError), and the previous file stays whole."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    try:
+        atomic_write_bytes(path, buffer.getbuffer())
+    except UserError as e:
+        raise UserError(f"{e}; the previous {path.name} is intact") from e
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -42,25 +42,28 @@ def train_command(
 
     Example: fastcifar train configs/quickstart.yaml --epochs 2 --subset 5000
     """
+    from . import distributed
     from .config import build_config, load_config
     from .loop import fit
-    from .run import RunDir
+    from .run import CONFIG, RunDir
 
     if resume is not None:
         if config is not None or sets or epochs or subset or out:
             raise UserError("--resume continues a run with its saved config; give no CONFIG, --set, --epochs, --subset or --out")
         run = RunDir(resume)
-        if not run.last.is_file():
-            raise UserError(f"{resume} has no {run.last.name} to resume from")
-        cfg = build_config(run.config(), where=f"{resume}/config.yaml")
-        history = fit(cfg, run, resume=True)
+        cfg = build_config(run.config(), where=f"{resume}/{CONFIG}")
+        if run.last.is_file():
+            history = fit(cfg, run, resume=True)
+        else:  # stopped before its first checkpoint: nothing to continue, so start it again in place
+            typer.echo(f"{resume} has no {run.last.name} yet: starting the run again from epoch 1", err=True)
+            history = fit(cfg, run)
     else:
         if config is None:
             raise UserError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(config, _overrides(sets, epochs, subset))
         run = RunDir(out or RUNS / cfg.name)
         history = fit(cfg, run)
-    if history:
+    if history and distributed.current().main:
         best = max(history, key=lambda m: m["test_acc"])
         typer.echo(f"done: final test accuracy {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
                    f"at epoch {best['epoch']}; run folder {run.path}")
@@ -79,12 +82,15 @@ def sweep_command(
 
     Example: fastcifar sweep configs/seeds --epochs 1 --subset 5000 --out runs/smoke
     """
+    from . import distributed
     from .sweep import sweep
 
-    results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo,
+    main = distributed.launched().main  # under torchrun, rank 0 alone prints and writes
+    results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo if main else lambda m: None,
                     after_run=lambda path: _after_run(path, not no_analyze))
-    typer.echo(f"results: {results}")
-    typer.echo(results.read_text())
+    if main:
+        typer.echo(f"results: {results}")
+        typer.echo(results.read_text())
 
 
 def bench_train_command(

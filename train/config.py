@@ -92,8 +92,11 @@ class TrainConfig:
     grad_clip: Optional[float] = None  # max gradient norm
     compile: bool = False  # torch.compile the model
     seed: int = 0
+    dist_timeout: float = 600.0  # torchrun: seconds a collective waits for a silent rank before the job ends
 
     def __post_init__(self):
+        if self.dist_timeout <= 0:
+            raise UserError(f"train.dist_timeout must be positive seconds, got {self.dist_timeout}")
         if self.epochs < 1:
             raise UserError(f"train.epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.label_smoothing < 1:
@@ -125,6 +128,8 @@ def _set(raw: dict, assignment: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    except RecursionError:  # PyYAML recurses per nesting level
+        raise UserError(f"--set {key.strip()}: value nested too deeply") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -145,6 +150,8 @@ def load_raw(path: str | Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
+    except RecursionError:  # PyYAML recurses per nesting level: thousands of '[' exhaust the stack
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config {path}: {e}") from e
     if raw is None:

@@ -1,9 +1,11 @@
 """A run directory: the unit of output (design.md).
 
 runs/<name>/ holds config.yaml (resolved), metrics.jsonl (one JSON line per
-epoch), train.log (the summary lines), tb/ (TensorBoard events) and the
-checkpoints. metrics.jsonl is rewritten atomically from the checkpoint's
-history, so after a crash or resume it always matches the last checkpoint.
+epoch: what was learned, identical between reruns), timing.jsonl (seconds and
+images/s per epoch, which vary), train.log (the summary lines), tb/
+(TensorBoard events) and the checkpoints. metrics.jsonl is rewritten
+atomically from the checkpoint's history, so after a crash or resume it always
+matches the last checkpoint.
 """
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from beton.atomic import atomic_write_text
+from beton.atomic import atomic_write_text, remove_leftovers
 from beton.errors import UserError
 
 from . import checkpoint
 
-CONFIG, METRICS, LOG, SUMMARY = "config.yaml", "metrics.jsonl", "train.log", "summary.json"
+CONFIG, METRICS, TIMING, LOG, SUMMARY = "config.yaml", "metrics.jsonl", "timing.jsonl", "train.log", "summary.json"
 
 
 class RunDir:
@@ -43,6 +45,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create run folder {self.path}: {e.strerror or e}") from e
+        remove_leftovers(self.path)  # temporaries of a write that a crash cut short
         if not resume:
             atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
@@ -57,6 +60,9 @@ class RunDir:
 
     def write_metrics(self, history: list[dict]) -> None:
         atomic_write_text(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+
+    def write_timing(self, timing: list[dict]) -> None:
+        atomic_write_text(self.path / TIMING, "".join(json.dumps(t) + "\n" for t in timing))
 
     def metrics(self) -> list[dict]:
         path = self.path / METRICS

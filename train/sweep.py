@@ -12,6 +12,7 @@ from pathlib import Path
 from beton.atomic import atomic_write_text
 from beton.errors import UserError
 
+from . import distributed
 from .config import ExperimentConfig, load_config
 from .loop import fit
 from .run import RunDir
@@ -62,11 +63,12 @@ def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
 
 
 def _run_one(cfg: ExperimentConfig, run: RunDir, log, after_run) -> None:
+    """Train, resume (a checkpoint exists: an interrupted or crashed run) or skip (complete)."""
     summary = run.summary()
-    if summary is not None:
+    if run.last.is_file() or summary is not None:
         if not _same_config(run.config(), cfg):
             raise UserError(f"{run.path} holds a run of a different config; pick another --out for this sweep")
-        if summary["complete"]:
+        if summary is not None and summary["complete"]:
             log(f"skip {cfg.name}: complete in {run.path}")
             if not (run.path / "report.md").is_file():
                 after_run(run.path)
@@ -76,7 +78,8 @@ def _run_one(cfg: ExperimentConfig, run: RunDir, log, after_run) -> None:
     else:
         log(f"train {cfg.name} -> {run.path}")
         fit(cfg, run)
-    after_run(run.path)
+    if distributed.current().main:
+        after_run(run.path)
 
 
 def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_run=lambda path: None) -> Path:
@@ -95,6 +98,7 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_r
     for file, cfg in configs:
         run = RunDir(out / cfg.name)
         _run_one(cfg, run, log, after_run)
-        rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
-        write_results(rows, results)
+        if distributed.current().main:  # under torchrun, rank 0 alone writes
+            rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
+            write_results(rows, results)
     return results
