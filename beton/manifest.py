@@ -119,8 +119,14 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def _count(value) -> bool:
+    """A non-negative integer (JSON has no separate bool, but Python's True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _validate(path: Path, manifest) -> None:
-    """Checks the keys readers rely on, so they never fail later with a KeyError."""
+    """Checks the keys readers rely on, and their types, so they never fail later with a
+    KeyError, or a TypeError/ValueError while printing or opening what the manifest names."""
 
     def need(ok: bool, what: str) -> None:
         if not ok:
@@ -132,6 +138,7 @@ def _validate(path: Path, manifest) -> None:
     need(manifest["format_version"] == FORMAT_VERSION, f"unsupported format_version {manifest['format_version']!r}")
     classes = manifest["classes"]
     need(isinstance(classes, list) and all(isinstance(c, str) for c in classes), "'classes' is not a list of names")
+    need(len(classes) > 0, "'classes' is empty")
     for key in ("mean", "std"):
         value = manifest[key]
         need(
@@ -144,10 +151,15 @@ def _validate(path: Path, manifest) -> None:
         need(isinstance(entry, dict), f"missing key 'splits.{split}'")
         for key in ("file", "count", "per_class", "sha256"):
             need(key in entry, f"missing key 'splits.{split}.{key}'")
+        for key in ("file", "sha256"):
+            need(isinstance(entry[key], str) and entry[key], f"'splits.{split}.{key}' is not a non-empty string")
+        for key in ("count", "bytes"):
+            need(key not in entry or _count(entry[key]), f"'splits.{split}.{key}' is not a non-negative integer")
         need(
             isinstance(entry["per_class"], list) and len(entry["per_class"]) == len(classes),
             f"'splits.{split}.per_class' does not have one count per class",
         )
+        need(all(map(_count, entry["per_class"])), f"'splits.{split}.per_class' is not a list of non-negative integers")
 
 
 def verify(folder: str | Path, manifest: dict | None = None) -> list[FileCheck]:

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from beton.errors import UserError
+from beton.manifest import read_manifest
 from beton.paths import dataset_dir
 
 
@@ -26,6 +28,7 @@ def bench_loader(
     from .bench import KEYS, run  # heavy imports only when the command runs
 
     folder = beton or str(dataset_dir("cifar10"))
+    _check_one_batch(folder)
     results = run(folder, batches, workers, baselines_too=not no_baselines)
     if as_json:
         typer.echo(json.dumps(results))
@@ -40,3 +43,14 @@ def bench_loader(
             typer.echo(f"{key:<20}{results[key]:>12,.0f}{ratio:>18}")
     typer.echo(f"first train batch (pipeline compile): {results['first_batch_s']:.1f} s; "
                f"resident memory with train and test loaders: {results['rss_mb_both_loaders']:,.0f} MiB")
+
+
+def _check_one_batch(folder: str) -> None:
+    """The benchmark times full batches (drop_last): a smaller train split would yield none,
+    and the timing loop, cycling epochs, would wait forever for one."""
+    from .config import DataConfig
+
+    batch = DataConfig().batch_size
+    count = read_manifest(folder)["splits"]["train"]["count"]
+    if count < batch:
+        raise UserError(f"bench loader times batches of {batch}: {folder} has only {count} training images")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,17 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+SHOW_CHARS = 100
+
+
+def _show(value) -> str:
+    """A bounded repr for error lines: a huge or deeply nested value (a YAML alias bomb) stays short."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS - 3] + "..."
+
+
 def _check(value, tp, where: str):
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -39,7 +51,7 @@ def _check(value, tp, where: str):
         return parse(tp, value, where)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise UserError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
         return value
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -47,31 +59,31 @@ def _check(value, tp, where: str):
                 return _check(value, arg, where)
             except UserError:
                 continue
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
     if tp is list or origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{where}: expected a list, got {value!r}")
+            raise UserError(f"{where}: expected a list, got {_show(value)}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
+            raise UserError(f"{where}: expected a mapping, got {_show(value)}")
         return dict(value)
     if tp is type(None):
         if value is not None:
-            raise UserError(f"{where}: expected null, got {value!r}")
+            raise UserError(f"{where}: expected null, got {_show(value)}")
         return None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: expected a number, got {value!r}")
+            raise UserError(f"{where}: expected a number, got {_show(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+            raise UserError(f"{where}: expected an integer, got {_show(value)}")
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
-            raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")
+            raise UserError(f"{where}: expected {tp.__name__}, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
@@ -81,7 +93,7 @@ def parse(cls, data, where: str = "config"):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {data!r}")
+        raise UserError(f"{where}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(data) - set(names))

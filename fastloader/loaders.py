@@ -26,7 +26,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from beton import schema
 from beton.errors import UserError
-from beton.manifest import read_manifest
+from beton.manifest import read_manifest, sha256_file
 
 from .config import DataConfig
 from .device import DeviceAugment, Normalise
@@ -136,15 +136,28 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+_VERIFIED: set[tuple] = set()  # (path, size, mtime) of betons whose sha256 matched, so a process hashes each once
+
+
 def _check_files(folder: Path, manifest: dict) -> None:
+    """Size and sha256 against the manifest: FFCV reads a damaged beton's header and offsets without
+    checks, so corrupt bytes could crash the process or silently feed garbage (hashing costs ~0.3 s)."""
     for split in schema.SPLITS:
         path = folder / schema.beton_name(split)
         if not path.is_file():
             raise UserError(f"missing {path}; write it with `fastcifar beton write`")
-        expected = manifest["splits"].get(split, {}).get("bytes")
-        if expected is not None and path.stat().st_size != expected:
-            raise UserError(f"{path} is truncated or changed ({path.stat().st_size} bytes, manifest says "
+        entry = manifest["splits"].get(split, {})
+        stat = path.stat()
+        expected = entry.get("bytes")
+        if expected is not None and stat.st_size != expected:
+            raise UserError(f"{path} is truncated or changed ({stat.st_size} bytes, manifest says "
                             f"{expected}); check it with `fastcifar beton inspect {folder}`")
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _VERIFIED:
+            if sha256_file(path) != entry.get("sha256"):
+                raise UserError(f"{path} is corrupt or was changed (its sha256 differs from the manifest's); "
+                                f"write it again with `fastcifar beton write`")
+            _VERIFIED.add(key)
 
 
 def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: int, indices, drop_last: bool,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,16 +35,28 @@ def load(path: Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path} holds more than weights and plain data; refusing to load it "
-                        f"(torch.load weights_only): {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if "global" in str(e).lower():  # it names a callable to import: a pickle that could run code
+            raise UserError(f"{path} holds more than weights and plain data (objects that could run code); "
+                            f"refusing to load it: {_unsafe_part(e)}") from e
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_unsafe_part(e)}") from e
+    except Exception as e:  # torch's safe unpickler raises assorted errors on damaged bytes
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                        f"{str(e).splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a fastcifar checkpoint (format {FORMAT})")
     return state
+
+
+def _unsafe_part(error: Exception) -> str:
+    """What torch's refusal names (the unsafe global), without its advice to load the file unsafely."""
+    text = " ".join(str(error).split())
+    found = re.search(r"(Unsupported global: GLOBAL \S+|Trying to load unsupported GLOBAL \S+|"
+                      r"Unsupported operand \d+|[^.]*not an allowed global[^.]*)", text)
+    return found.group(0).strip() if found else "torch.load(weights_only=True) refused it"
 
 
 def rng_state() -> dict:

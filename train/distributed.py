@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -176,6 +177,12 @@ def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Mod
         raise UserError("model.sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on the CPU "
                         "(set model.sync_bn: false; each rank then normalises over its share of the batch)")
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def reason(error: BaseException) -> str:
+    """The gist of a backend error: its first sentence, without gloo's or NCCL's source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0] if str(error).strip() else "")
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
 
 
 def is_lost_peer(error: BaseException) -> bool:

@@ -267,7 +267,7 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
         if world.active and not isinstance(e, UserError) and distributed.is_lost_peer(e):
             distributed.mark_broken()
             raise distributed.Lost(f"rank {world.rank}: another process failed or stopped answering, so this one "
-                                   f"stops too ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+                                   f"stops too ({distributed.reason(e)}); the last checkpoint is kept") from e
         raise
 
 
@@ -292,14 +292,18 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     history, timing, best_acc, start_epoch, saved = [], [], -1.0, 0, None
     if resume:
         state = checkpoint.load(run.last)  # on the CPU: RNG states must stay CPU tensors
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        history, best_acc, start_epoch = list(state["history"]), float(state["best_acc"]), int(state["epoch"])
-        timing, saved = list(state.get("timing") or []), state.get("partial")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            checkpoint.set_rng_state(state["rng"])
+            history, best_acc, start_epoch = list(state["history"]), float(state["best_acc"]), int(state["epoch"])
+            timing, saved = list(state.get("timing") or []), state.get("partial")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"{run.last} does not fit this run's config ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'missing data'})") from e
         if saved and not world.main:  # rank 0's saved sums already hold every rank's share
             saved = {**saved, "loss_sum": 0.0, "correct": 0, "count": 0}
         if world.main:

@@ -75,10 +75,11 @@ class RunDir:
 
     def summary(self) -> dict | None:
         path = self.path / SUMMARY
-        try:
-            return json.loads(path.read_text()) if path.is_file() else None
+        try:  # a damaged summary is as good as none: resuming from the checkpoint rewrites it
+            summary = json.loads(path.read_text()) if path.is_file() else None
         except (OSError, ValueError):
             return None
+        return summary if isinstance(summary, dict) and "complete" in summary else None
 
     def log(self, line: str, echo: bool = True) -> None:
         """A summary line: printed, and appended to train.log with a timestamp."""

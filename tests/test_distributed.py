@@ -1,0 +1,114 @@
+"""DDP through torchrun on the CPU (gloo): sharding, identical ranks, rank-0-only output, failure, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fastloader.loaders import ShardedOrder
+from train.config import build_config
+from train.loop import fit
+from train.run import RunDir
+
+from .test_train import tiny
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = WORKER.parent.parent
+
+
+class FakeLoader:
+    def __init__(self, n: int, seed: int):
+        self.indices, self.seed = np.arange(n, dtype="uint64"), seed
+
+
+def shards(n: int, world: int, batch: int, shuffle: bool, tail: str, epoch: int = 3) -> list[np.ndarray]:
+    return [ShardedOrder(r, world, batch, shuffle, tail)(FakeLoader(n, 7)).sample_order(epoch) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_step_of_k_ranks_is_the_single_process_global_batch(world):
+    batch = 12
+    single = np.random.default_rng(7 + 3).permutation(np.arange(100, dtype="uint64"))  # FFCV's own Random order
+    ranks = shards(100, world, batch, shuffle=True, tail="drop")
+    share = batch // world
+    for step in range(100 // batch):
+        together = np.concatenate([r[step * share:(step + 1) * share] for r in ranks])
+        assert sorted(together) == sorted(single[step * batch:(step + 1) * batch])
+    assert len({len(r) for r in ranks}) == 1
+
+
+def test_shards_are_disjoint_and_cover_the_split_for_evaluation():
+    ranks = shards(101, 2, 10, shuffle=False, tail="split")
+    assert set(ranks[0]).isdisjoint(ranks[1])
+    assert sorted(np.concatenate(ranks)) == list(range(101))
+
+
+def test_padded_training_tail_gives_every_rank_the_same_number_of_samples():
+    ranks = shards(101, 2, 10, shuffle=True, tail="pad")
+    assert len(ranks[0]) == len(ranks[1]) == 51
+    assert set(np.concatenate(ranks)) == set(range(101))
+
+
+def torchrun(record: Path, args: list[str], env: dict | None = None, timeout: float = 300):
+    """`fastcifar` ARGS in 2 processes under torchrun; returns (returncode, output, seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(record), "--", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+
+
+def ddp_config(betons) -> dict:
+    # GroupNorm normalises each sample alone, so 2 ranks x 50 compute what 1 process x 100 does
+    return tiny(betons, model__norm="layer", train__precision="fp32", train__epochs=2, train__dist_timeout=60,
+                data__subset=400, data__workers=1)
+
+
+def test_two_ranks_fail_together_resume_and_match_one_process(learnable_betons, tmp_path):
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(ddp_config(learnable_betons)))
+    run = tmp_path / "run"
+
+    # 1. rank 1 crashes at the start of epoch 2: the whole job ends, non-zero, soon
+    code, out, _ = torchrun(tmp_path / "rec1", ["train", str(config), "--out", str(run), "--no-analyze"],
+                            env={"FAIL_RANK": "1", "FAIL_EPOCH": "1"})
+    ended = time.time()
+    assert code != 0, out
+    assert ended - float((tmp_path / "rec1" / "failed_at").read_text()) < 90, out
+    assert "injected failure on rank 1" in out
+    seen = [json.loads((tmp_path / "rec1" / f"rank{r}.json").read_text())["0"] for r in (0, 1)]
+    assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(400))
+    assert RunDir(run).metrics()[0]["epoch"] == 1  # epoch 1 was checkpointed before the crash
+
+    # 2. resume under torchrun: finishes; both ranks end with the same weights
+    code, out, _ = torchrun(tmp_path / "rec2", ["train", "--resume", str(run), "--no-analyze"])
+    assert code == 0, out
+    a, b = (torch.load(tmp_path / "rec2" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # only rank 0 wrote: one folder, each epoch's line once, the metrics file of 2 epochs
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "config.yaml").exists()] == ["run"]
+    log = (run / "train.log").read_text()
+    assert log.count("epoch   1/2") == 1 and log.count("epoch   2/2") == 1
+    assert out.count("Test set: Average loss") == 1  # the resumed epoch, printed by rank 0 alone
+    assert "over 2 processes" in log
+
+    # 3. a single process with the same global batch and seed learns the same thing
+    single = RunDir(tmp_path / "single")
+    fit(build_config(ddp_config(learnable_betons)), single)
+    ddp_metrics = RunDir(run).metrics()
+    for d, s in zip(ddp_metrics, single.metrics(), strict=True):
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-3, abs=1e-4)
+        assert d["test_loss"] == pytest.approx(s["test_loss"], rel=1e-3, abs=1e-4)
+        assert abs(d["test_correct"] - s["test_correct"]) <= 1 and d["test_count"] == s["test_count"] == 200
+    final = torch.load(single.last, weights_only=True)["model"]
+    assert all(torch.allclose(final[k], a[k], atol=1e-3, rtol=1e-3) for k in final)
