@@ -632,6 +632,7 @@ CLI_VALUES = {  # id -> (arguments after the command; {config}, {run} filled in;
     "lr_find_bad_range": (["lr-find", "{config}", "--start", "1", "--end", "0.1"], "0 < start < end"),
     "lr_find_one_iter": (["lr-find", "{config}", "--iters", "1"], "--iters must be at least 2"),
     "lr_find_not_a_number": (["lr-find", "{config}", "--start", "tiny"], "--start"),
+    "lr_find_out_is_a_file": (["lr-find", "{config}", "--out", "{config}/lr"], "is a file, not a folder"),
     "analyze_which_checkpoint": (["analyze", "{run}", "--checkpoint", "middle"], "--checkpoint must be one of"),
     "analyze_zero_n": (["analyze", "{run}", "--n", "0"], "--n must be at least 1"),
     "analyze_method": (["analyze", "{run}", "--method", "magic"], "unknown Grad-CAM method 'magic'"),

@@ -315,6 +315,9 @@ def lr_find_command(
     _check_range(start, end, iters, 0.98, 4.0)
     cfg = load_config(config, list(sets or []))
     folder = out or Path("runs") / f"{cfg.name}-lr-find"
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # before the test, not after minutes of it
+        raise UserError(f"cannot write to {folder}: {blocker} is a file, not a folder")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         result = lr_find(cfg, start=start, end=end, iters=iters)

@@ -1,0 +1,126 @@
+"""Reproducibility and crash safety: Ctrl-C resumes exactly, loader threads do not change the weights,
+a failed write keeps the previous checkpoint, SIGKILL at random moments loses nothing."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastloader.loaders import CifarLoader
+from train.config import build_config
+from train.loop import fit
+from train.run import RunDir
+
+from .test_train import run_cli, tiny
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def reference(learnable_betons, tmp_path_factory) -> RunDir:
+    """An uninterrupted 3-epoch run the others must match exactly."""
+    run = RunDir(tmp_path_factory.mktemp("reference") / "run")
+    fit(build_config(tiny(learnable_betons)), run)
+    return run
+
+
+def weights(run: RunDir) -> dict:
+    return torch.load(run.last, weights_only=True)["model"]
+
+
+def assert_same_run(a: RunDir, b: RunDir) -> None:
+    assert (a.path / "metrics.jsonl").read_bytes() == (b.path / "metrics.jsonl").read_bytes()
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_ends_where_an_uninterrupted_run_does(
+        learnable_betons, reference, tmp_path, capsys, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons)))
+    batches = CifarLoader.batches
+
+    def interrupting(self):  # Ctrl-C while epoch 2's fourth batch is being trained
+        epoch = self.epoch
+        for i, batch in enumerate(batches(self)):
+            if self.split == "train" and epoch == 1 and i == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(CifarLoader, "batches", interrupting)
+    run = RunDir(tmp_path / "run")
+    code, out = run_cli(["train", str(config), "--out", str(run.path), "--no-analyze"], capsys)
+    assert code == 130
+    assert f"fastcifar train --resume {run.path}" in out.err and "epoch 2, batch 4" in out.err
+    assert "Traceback" not in out.err
+    state = torch.load(run.last, weights_only=True)
+    assert state["epoch"] == 1 and state["partial"]["batch"] == 4  # the batch in flight was finished
+    monkeypatch.setattr(CifarLoader, "batches", batches)
+    code, out = run_cli(["train", "--resume", str(run.path), "--no-analyze"], capsys)
+    assert code == 0, out.err
+    assert "after epoch 2, batch 4" in (run.path / "train.log").read_text()
+    assert_same_run(run, reference)
+
+
+def test_loader_threads_do_not_change_metrics_or_weights(learnable_betons, reference, tmp_path):
+    assert tiny(learnable_betons)["data"]["workers"] == 2
+    one = RunDir(tmp_path / "one")
+    fit(build_config(tiny(learnable_betons, data__workers=1)), one)
+    assert_same_run(one, reference)
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(
+        learnable_betons, tmp_path, capsys, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=2)))
+    write_bytes, writes = Path.write_bytes, []
+
+    def full_disk(self, data):
+        if ".checkpoint_" in self.name:
+            writes.append(self.name)
+            if len(writes) > 2:  # epoch 1 wrote best and last; epoch 2 finds the disk full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    run = tmp_path / "run"
+    code, out = run_cli(["train", str(config), "--out", str(run), "--no-analyze"], capsys)
+    assert code == 2 and out.err.count("\n") == 1 and "Traceback" not in out.err
+    assert out.err.startswith("error: cannot write") and "No space left on device" in out.err
+    assert "is intact" in out.err
+    assert torch.load(run / "checkpoint_last.pt", weights_only=True)["epoch"] == 1
+    assert not list(run.glob(".*.tmp"))  # the half-written temporary was removed
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    code, out = run_cli(["train", "--resume", str(run), "--no-analyze"], capsys)
+    assert code == 0 and len(RunDir(run).metrics()) == 2
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(learnable_betons, reference, tmp_path,
+                                                                            capsys):
+    run = RunDir(tmp_path / "run")
+    run.create(build_config(tiny(learnable_betons)).to_dict(), resume=False)  # what a kill in epoch 1 leaves
+    (run.path / ".checkpoint_last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    code, out = run_cli(["train", "--resume", str(run.path), "--no-analyze"], capsys)
+    assert code == 0 and "starting the run again" in out.err
+    assert not list(run.path.glob(".*.tmp"))
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing(learnable_betons, tmp_path):
+    """The short version of scripts/crash_resume.py (20 kills there, 3 here)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=5, data__subset=500)))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "crash_resume.py"), str(config), "--kills", "3",
+                           "--seed", "1", "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 kills" in proc.stdout and "metrics.jsonl identical: True" in proc.stdout
+    assert "final weights identical: True" in proc.stdout
