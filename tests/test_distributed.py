@@ -57,6 +57,23 @@ def test_padded_training_tail_gives_every_rank_the_same_number_of_samples():
     assert set(np.concatenate(ranks)) == set(range(101))
 
 
+def test_sync_bn_converts_under_a_process_group_and_is_refused_on_the_cpu(monkeypatch):
+    from beton.errors import UserError
+    from train import distributed
+    from train.models import count_parameters, create_model
+    from train.config import ModelConfig
+
+    model = create_model(ModelConfig(name="fastnet"), num_classes=10)
+    assert distributed.sync_batchnorm(model, torch.device("cpu")) is model  # one process: nothing to sync
+    monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 0, 2))
+    synced = distributed.sync_batchnorm(model, torch.device("cuda"))
+    kinds = {type(m).__name__ for m in synced.modules()}
+    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+    assert count_parameters(synced) == count_parameters(model)
+    with pytest.raises(UserError, match="sync_bn needs CUDA"):
+        distributed.sync_batchnorm(model, torch.device("cpu"))
+
+
 def torchrun(record: Path, args: list[str], env: dict | None = None, timeout: float = 300):
     """`fastcifar` ARGS in 2 processes under torchrun; returns (returncode, output, seconds)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

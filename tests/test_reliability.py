@@ -76,8 +76,9 @@ def test_loader_threads_do_not_change_metrics_or_weights(learnable_betons, refer
     assert_same_run(one, reference)
 
 
+@pytest.mark.parametrize("err_no", [errno.ENOSPC, errno.EROFS])
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(
-        learnable_betons, tmp_path, capsys, monkeypatch):
+        learnable_betons, tmp_path, capsys, monkeypatch, err_no):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=2)))
     write_bytes, writes = Path.write_bytes, []
@@ -86,14 +87,14 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(
         if ".checkpoint_" in self.name:
             writes.append(self.name)
             if len(writes) > 2:  # epoch 1 wrote best and last; epoch 2 finds the disk full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise OSError(err_no, os.strerror(err_no))
         return write_bytes(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", full_disk)
     run = tmp_path / "run"
     code, out = run_cli(["train", str(config), "--out", str(run), "--no-analyze"], capsys)
     assert code == 2 and out.err.count("\n") == 1 and "Traceback" not in out.err
-    assert out.err.startswith("error: cannot write") and "No space left on device" in out.err
+    assert out.err.startswith("error: cannot write") and os.strerror(err_no) in out.err
     assert "is intact" in out.err
     assert torch.load(run / "checkpoint_last.pt", weights_only=True)["epoch"] == 1
     assert not list(run.glob(".*.tmp"))  # the half-written temporary was removed
