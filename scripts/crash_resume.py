@@ -5,7 +5,7 @@
 
 First an uninterrupted reference run of CONFIG; then the same run started,
 SIGKILLed at a random moment, checked and resumed with `fastcifar train
---resume`, `--kills` times, then left to finish. One kill in five lands in
+--resume`, `--kills` times, then left to finish. Every fifth kill lands in
 start-up (imports, creating the run folder); the others land in training,
 before the end of the attempt's second epoch, so checkpoint writes are hit too.
 After every kill, every checkpoint in the run folder must load with
@@ -109,7 +109,7 @@ def main() -> int:
                      else [*fresh, "--out", str(killed)], log)
         resumes += has_run
         if kills < a.kills:
-            if rng.random() < 0.2:
+            if kills % 5 == 4:
                 when, deadline = "in start-up", began + rng.uniform(0, startup)
             else:
                 # before the end of the attempt's second epoch: each attempt gets at most one epoch further
