@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         _fail(e.format_message())
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if str(e):
+            print(str(e), file=sys.stderr)
         sys.exit(130)
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)

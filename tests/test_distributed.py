@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -129,3 +130,32 @@ def test_two_ranks_fail_together_resume_and_match_one_process(learnable_betons, 
         assert abs(d["test_correct"] - s["test_correct"]) <= 1 and d["test_count"] == s["test_count"] == 200
     final = torch.load(single.last, weights_only=True)["model"]
     assert all(torch.allclose(final[k], a[k], atol=1e-3, rtol=1e-3) for k in final)
+
+
+def test_ctrl_c_under_torchrun_saves_once_mid_epoch_and_resumes(learnable_betons, tmp_path):
+    # 50 steps an epoch; the ranks agree to stop every 10, so Ctrl-C early in epoch 2 stops it at a multiple of 10
+    raw = tiny(learnable_betons, model__norm="layer", train__precision="fp32", train__epochs=3, data__workers=1,
+               data__batch_size=20)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(tmp_path / "rec"), "--", "train", str(config), "--out", str(run), "--no-analyze"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # into epoch 2
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the job gets it
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert out.count("interrupted: checkpoint saved after epoch 2, batch") == 1, out
+    assert "Traceback" not in out.split("interrupted:")[0]
+    state = torch.load(run / "checkpoint_last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["partial"]["batch"] in (10, 20, 30, 40)
+
+    # the run continues in one process: the global batch, not the process count, defines the run
+    history = fit(build_config(RunDir(run).config()), RunDir(run), resume=True)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert f"after epoch 2, batch {state['partial']['batch']}" in (run / "train.log").read_text()

@@ -332,7 +332,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
         message = f"interrupted: checkpoint saved after {where}; continue with: fastcifar train --resume {run.path}"
         if world.main:
             run.log(message, echo=False)  # the CLI prints it, on stderr
-        raise Interrupted(message)
+        raise Interrupted(message if world.main else "")  # said once, by rank 0
 
     last_epoch = min(cfg.train.epochs, stop_after or cfg.train.epochs)
     with StopRequest(quiet=not world.main) as stop:
