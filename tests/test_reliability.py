@@ -118,7 +118,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(lear
 def test_sigkill_at_random_moments_loses_nothing(learnable_betons, tmp_path):
     """The short version of scripts/crash_resume.py (20 kills there, 3 here)."""
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=5, data__subset=500)))
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=8, data__subset=400)))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "crash_resume.py"), str(config), "--kills", "3",
                            "--seed", "1", "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)

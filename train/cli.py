@@ -40,6 +40,9 @@ def train_command(
 ) -> None:
     """Train one experiment into a run folder (config, metrics.jsonl, train.log, TensorBoard, checkpoints).
 
+    Ctrl-C saves a checkpoint at the next batch; --resume continues from it. Several GPUs:
+    torchrun --standalone --nproc_per_node=K $(which fastcifar) train CONFIG (data.batch_size is the global batch).
+
     Example: fastcifar train configs/quickstart.yaml --epochs 2 --subset 5000
     """
     from . import distributed
