@@ -125,3 +125,27 @@ def test_sigkill_at_random_moments_loses_nothing(learnable_betons, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 kills" in proc.stdout and "metrics.jsonl identical: True" in proc.stdout
     assert "final weights identical: True" in proc.stdout
+
+
+def test_checkpoint_every_n_batches_lets_a_crash_lose_less_and_resume_exactly(learnable_betons, reference, tmp_path,
+                                                                              monkeypatch):
+    from train import checkpoint
+
+    cfg = build_config(tiny(learnable_betons, train__checkpoint_every=3))  # 10 batches an epoch
+    save, saved = checkpoint.save, []
+
+    def save_then_crash(path, state):
+        save(path, state)
+        saved.append((state["epoch"], (state["partial"] or {}).get("batch")))
+        if saved[-1] == (1, 6):  # the process dies right after the checkpoint at epoch 2, batch 6
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(cfg, run)
+    assert saved == [(0, 3), (0, 6), (0, 9), (1, None), (1, None), (1, 3), (1, 6)]  # and epoch 1 ends: best, last
+    monkeypatch.setattr(checkpoint, "save", save)
+    fit(cfg, run, resume=True)
+    assert "after epoch 2, batch 6" in (run.path / "train.log").read_text()
+    assert_same_run(run, reference)

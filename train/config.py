@@ -93,8 +93,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0
     dist_timeout: float = 600.0  # torchrun: seconds a collective waits for a silent rank before the job ends
+    checkpoint_every: int = 0  # also checkpoint every N batches (0: at epoch ends): a crash then loses < N batches
 
     def __post_init__(self):
+        if self.checkpoint_every < 0:
+            raise UserError(f"train.checkpoint_every must be 0 (epoch ends only) or a number of batches, "
+                            f"got {self.checkpoint_every}")
         if self.dist_timeout <= 0:
             raise UserError(f"train.dist_timeout must be positive seconds, got {self.dist_timeout}")
         if self.epochs < 1:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,13 +119,12 @@ class Progress:
         return {"lr": self.lr, "loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()),
                 "count": self.count, "batch": self.batch, "seconds": self.seconds}
 
-    def add_other_ranks(self, device: torch.device) -> None:
-        """Rank 0's sums become the sums over all ranks (before a mid-epoch checkpoint, which rank 0 writes)."""
+    def global_state(self, device: torch.device, running: float = 0.0) -> dict:
+        """state() with every rank's sums, for a mid-epoch checkpoint (rank 0 writes it; on resume rank 0
+        starts from these sums, the others from zero). `running`: seconds of this epoch not yet added."""
         loss_sum, correct, count = distributed.all_sum([self.loss_sum.item(), self.correct.item(), self.count], device)
-        if distributed.current().main:
-            self.loss_sum.fill_(loss_sum)
-            self.correct.fill_(int(correct))
-            self.count = int(count)
+        return {**self.state(), "loss_sum": loss_sum, "correct": int(correct), "count": int(count),
+                "seconds": self.seconds + running}
 
     def summed(self, device: torch.device) -> Pass:
         """The pass over the whole epoch: sums over all ranks."""
@@ -162,8 +162,12 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
 
 
 def train_epoch(s: Setup, model, optimizer, schedule, scaler, epoch: int, bar_desc: str,
-                stop: StopRequest | None = None, saved: dict | None = None) -> Progress:
-    """One epoch (from batch `saved["batch"]` when resuming mid-epoch); ends early on a stop request."""
+                stop: StopRequest | None = None, saved: dict | None = None, every: int = 0,
+                save_partial: Callable[[Progress, float], None] | None = None) -> Progress:
+    """One epoch (from batch `saved["batch"]` when resuming mid-epoch); ends early on a stop request.
+
+    `save_partial(progress, seconds_running)` runs after every `every`-th batch (mid-epoch checkpoints).
+    """
     model.train()
     p = Progress.start(schedule.lr, s.device, saved)
     clip = s.cfg.train.grad_clip
@@ -211,6 +215,8 @@ def train_epoch(s: Setup, model, optimizer, schedule, scaler, epoch: int, bar_de
             # distributed: every rank must stop after the same batch, so they agree (every few batches)
             if distributed.any_rank(stop.requested, s.device):
                 break
+        if save_partial is not None and every and p.batch % every == 0 and p.batch < n:
+            save_partial(p, time.perf_counter() - start)
     bar.close()
     p.seconds += time.perf_counter() - start
     return p
@@ -317,17 +323,21 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
             f"{s.train_loader.num_samples:,} train / {s.test_loader.num_samples:,} test images")
     board = _board(run, start_epoch) if world.main else None
 
-    def snapshot(epochs_done: int, progress: Progress | None = None) -> dict:
+    def snapshot(epochs_done: int, partial: dict | None = None) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": checkpoint.rng_state(),
                 "epoch": epochs_done, "history": history, "timing": timing, "best_acc": best_acc,
-                "config": cfg.to_dict(), "partial": progress.state() if progress else None}
+                "config": cfg.to_dict(), "partial": partial}
+
+    def save_partial(epochs_done: int, progress: Progress, running: float = 0.0) -> None:
+        """A mid-epoch checkpoint: resume continues after `progress.batch` batches of the next epoch."""
+        partial = progress.global_state(device, running)
+        distributed.on_main(lambda: checkpoint.save(run.last, snapshot(epochs_done, partial)), device)
 
     def stop_here(epochs_done: int, progress: Progress | None) -> None:
         """Save a resumable checkpoint (mid-epoch; at an epoch's end it is saved already) and stop."""
         if progress is not None:
-            progress.add_other_ranks(device)
-            distributed.on_main(lambda: checkpoint.save(run.last, snapshot(epochs_done, progress)), device)
+            save_partial(epochs_done, progress)
         where = f"epoch {epochs_done + 1}, batch {progress.batch}" if progress else f"epoch {epochs_done}"
         message = f"interrupted: checkpoint saved after {where}; continue with: fastcifar train --resume {run.path}"
         if world.main:
@@ -338,7 +348,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     with StopRequest(quiet=not world.main) as stop:
         for epoch in range(start_epoch, last_epoch):
             progress = train_epoch(s, step_model, optimizer, schedule, scaler, epoch,
-                                   f"epoch {epoch + 1}/{cfg.train.epochs}", stop, saved)
+                                   f"epoch {epoch + 1}/{cfg.train.epochs}", stop, saved, cfg.train.checkpoint_every,
+                                   lambda p, running, epoch=epoch: save_partial(epoch, p, running))
             saved = None
             if progress.batch < len(s.train_loader):
                 stop_here(epoch, progress)
