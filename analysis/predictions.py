@@ -147,7 +147,7 @@ def test_loader(cfg: ExperimentConfig, device: torch.device, dtype: torch.dtype)
     else:
         batch = max(cfg.data.test_batch_size or cfg.data.batch_size, GPU_BATCH)
         data = dataclasses.replace(cfg.data, test_batch_size=batch)
-    return build_loader(data, "test", device, dtype)
+    return build_loader(data, "test", device, dtype, shard=False)  # the whole split, even on rank 0 of torchrun
 
 
 def inference_copy(model: torch.nn.Module) -> torch.nn.Module:

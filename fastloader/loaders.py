@@ -161,8 +161,10 @@ def _check_files(folder: Path, manifest: dict) -> None:
 
 
 def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: int, indices, drop_last: bool,
-                 batches_ahead: int, os_cache: bool, image_ops: list, device: torch.device, train: bool) -> Loader:
-    """FFCV's Loader for one split; `batch_size` is global, each rank of a distributed run takes its share."""
+                 batches_ahead: int, os_cache: bool, image_ops: list, device: torch.device, train: bool,
+                 shard: bool) -> Loader:
+    """FFCV's Loader for one split; `batch_size` is global, each rank of a distributed run takes its share
+    (unless not `shard`: rank 0's analysis reads the whole split while the process group lives on)."""
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     pipelines = {
         schema.IMAGE: [SimpleRGBImageDecoder(), *image_ops, ToTensor(), *to_device,
@@ -170,7 +172,7 @@ def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: in
         schema.LABEL: [IntDecoder(), ToTensor(), Squeeze(), *to_device],
         schema.INDEX: [IntDecoder(), ToTensor(), Squeeze()],
     }
-    rank, world = _world()
+    rank, world = _world() if shard else (0, 1)
     if world > 1:
         if batch_size % world:
             raise UserError(f"batch size {batch_size} does not divide among {world} processes")
@@ -199,8 +201,11 @@ def _subset(n: int, limit: int | None):
 
 
 def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, manifest: dict | None = None) -> CifarLoader:
-    """The loader of one split; train augments (cfg.augment), test only normalises."""
+                 dtype: torch.dtype = torch.float32, manifest: dict | None = None, shard: bool = True) -> CifarLoader:
+    """The loader of one split; train augments (cfg.augment), test only normalises.
+
+    Under torchrun each rank reads its shard; `shard=False` reads the whole split on this rank.
+    """
     device = torch.device(device)
     folder = Path(cfg.folder())
     manifest = manifest or read_manifest(folder)
@@ -238,7 +243,8 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
     threads = cpu_cores()  # not torch.get_num_threads(): importing FFCV set that to 1
     loader = _ffcv_loader(folder / schema.beton_name(split), batch, cfg.num_workers(),
                           cfg.order if train else "sequential", cfg.seed, indices,
-                          cfg.drop_last and train, cfg.batches_ahead, cfg.os_cache, image_ops, device, train)
+                          cfg.drop_last and train, cfg.batches_ahead, cfg.os_cache, image_ops, device, train,
+                          shard)
     torch.set_num_threads(threads)  # FFCV's Loader set it to the worker count
     return CifarLoader(loader, cell, finish, split, n, threads)
 

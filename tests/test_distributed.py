@@ -75,6 +75,20 @@ def test_sync_bn_converts_under_a_process_group_and_is_refused_on_the_cpu(monkey
         distributed.sync_batchnorm(model, torch.device("cpu"))
 
 
+def test_rank_loaders_read_their_shard_and_the_analysis_reads_everything(learnable_betons, monkeypatch):
+    from fastloader import loaders
+    from fastloader.config import DataConfig
+
+    cfg = DataConfig(beton_dir=str(learnable_betons), batch_size=50, workers=1, augment=[])
+    monkeypatch.setattr(loaders, "_world", lambda: (1, 2))  # rank 1 of 2
+    shard = loaders.build_loader(cfg, "test", shard=True)
+    whole = loaders.build_loader(cfg, "test", shard=False)
+    seen = [idx.tolist() for _, _, idx in shard.batches()]
+    assert shard.batch_size == 25  # its half of each global batch of 50
+    assert sorted(sum(seen, [])) == [i for i in range(200) if i % 50 >= 25]
+    assert sorted(sum((idx.tolist() for _, _, idx in whole.batches()), [])) == list(range(200))
+
+
 def torchrun(record: Path, args: list[str], env: dict | None = None, timeout: float = 300):
     """`fastcifar` ARGS in 2 processes under torchrun; returns (returncode, output, seconds)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
