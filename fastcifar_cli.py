@@ -12,14 +12,11 @@ import typer
 from typer.exceptions import TyperException
 
 from analysis.cli import analyze_command
-from analysis.report import analyze
 from beton.cli import app as beton_app
 from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
 from train import cli as train_cli
-from train.cli import bench_train_command, sweep_command, train_command
-from train.lr_find import lr_find_command
-from train.models import models_command
+from train.cli import bench_train_command, lr_find_command, models_command, sweep_command, train_command
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -39,7 +36,16 @@ app.command("sweep")(sweep_command)
 app.command("models")(models_command)
 app.command("lr-find")(lr_find_command)
 app.command("analyze")(analyze_command)
-train_cli.AFTER_RUN.append(lambda run_dir: analyze(run_dir, log=typer.echo))  # train runs it, not imports it
+
+
+def _analyze_run(run_dir) -> None:
+    """The analysis after each run: train calls it, but may not import analysis (imported here when needed)."""
+    from analysis.report import analyze
+
+    analyze(run_dir, log=typer.echo)
+
+
+train_cli.AFTER_RUN.append(_analyze_run)
 
 
 @app.callback()

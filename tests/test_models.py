@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from beton.errors import UserError
 from train.config import ModelConfig
-from train.models import MODELS, NORMS, count_parameters, create_model, models_command
+from train.cli import models_command
+from train.models import MODELS, NORMS, count_parameters, create_model
 
 timm = pytest.importorskip("timm")
 

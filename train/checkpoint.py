@@ -17,7 +17,6 @@ from beton.atomic import atomic_write_bytes
 from beton.errors import UserError
 
 FORMAT = 1
-LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 
 def save(path: Path, state: dict) -> None:

@@ -1,4 +1,7 @@
-"""`fastcifar train`, `fastcifar sweep`, `fastcifar bench train`."""
+"""`fastcifar train`, `sweep`, `lr-find`, `models`, `bench train`.
+
+Heavy imports (torch, FFCV) happen inside the commands, so `fastcifar --help` and usage errors are quick.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,9 +48,7 @@ def train_command(
 
     Example: fastcifar train configs/quickstart.yaml --epochs 2 --subset 5000
     """
-    from . import distributed
     from .config import build_config, load_config
-    from .loop import fit
     from .run import CONFIG, RunDir
 
     if resume is not None:
@@ -55,17 +56,18 @@ def train_command(
             raise UserError("--resume continues a run with its saved config; give no CONFIG, --set, --epochs, --subset or --out")
         run = RunDir(resume)
         cfg = build_config(run.config(), where=f"{resume}/{CONFIG}")
-        if run.last.is_file():
-            history = fit(cfg, run, resume=True)
-        else:  # stopped before its first checkpoint: nothing to continue, so start it again in place
-            typer.echo(f"{resume} has no {run.last.name} yet: starting the run again from epoch 1", err=True)
-            history = fit(cfg, run)
+        restart = not run.last.is_file()  # stopped before its first checkpoint: start it again in place
     else:
         if config is None:
             raise UserError("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(config, _overrides(sets, epochs, subset))
-        run = RunDir(out or RUNS / cfg.name)
-        history = fit(cfg, run)
+        run, restart = RunDir(out or RUNS / cfg.name), False
+    from . import distributed  # torch and FFCV load here: after the checks, so mistakes are reported at once
+    from .loop import fit
+
+    if restart:
+        typer.echo(f"{resume} has no {run.last.name} yet: starting the run again from epoch 1", err=True)
+    history = fit(cfg, run, resume=resume is not None and not restart)
     if history and distributed.current().main:
         best = max(history, key=lambda m: m["test_acc"])
         typer.echo(f"done: final test accuracy {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
@@ -126,3 +128,59 @@ def bench_train_command(
     typer.echo(f"loop, in-memory batches      {r['loop_synthetic']:>10,.1f} img/s")
     typer.echo(f"loop, real loader            {r['loop_real_loader']:>10,.1f} img/s  "
                f"(efficiency {r['loop_efficiency']:.3f})")
+
+
+def lr_find_command(
+    config: Path = typer.Argument(..., help="Experiment YAML (model, data, optimizer are taken from it)."),
+    start: float = typer.Option(1e-7, "--start", help="First LR of the range."),
+    end: float = typer.Option(10.0, "--end", help="Last LR of the range."),
+    iters: int = typer.Option(100, "--iters", help="Batches (LR steps) in the test."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set model.name=resnet34 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for lr_find.png and lr_find.json "
+                                       "(default: runs/<name>-lr-find)."),
+) -> None:
+    """LR range test: exponential LR steps from --start to --end, smoothed loss, stop on divergence;
+    writes lr_find.png and lr_find.json and prints the suggestions (steepest, valley, min/10).
+
+    Example: fastcifar lr-find configs/custom_resnet_onecycle.yaml --iters 100
+    """
+    import warnings
+
+    from .config import load_config
+    from .lr_find import MAX_LR_SUGGESTION, _check_range, describe, lr_find, write
+
+    _check_range(start, end, iters, 0.98, 4.0)
+    cfg = load_config(config, list(sets or []))
+    folder = out or RUNS / f"{cfg.name}-lr-find"
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # before the test, not after minutes of it
+        raise UserError(f"cannot write to {folder}: {blocker} is a file, not a folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = lr_find(cfg, start=start, end=end, iters=iters)
+    json_path, png_path = write(result, folder, f"{cfg.name}: LR range test")
+    typer.echo(f"LR range test of {cfg.name}: {result['steps']} steps from {start:.1e} to {end:.1e}")
+    for line in describe(result):
+        typer.echo(line)
+    typer.echo(f"for OneCycle: --set scheduler.max_lr={result['suggestions'][MAX_LR_SUGGESTION]:.3g} "
+               f"({MAX_LR_SUGGESTION}), or scheduler.max_lr: find")
+    typer.echo(f"wrote {json_path} and {png_path}")
+
+
+def models_command(as_json: bool = typer.Option(False, "--json", help="Print one JSON object: name -> parameters.")):
+    """List the registered models with their parameter counts (10 classes, batch norm).
+
+    Example: fastcifar models --json
+    """
+    import json
+
+    from .models import TIMM_PREFIX, registered_counts
+
+    counts = registered_counts()
+    if as_json:
+        typer.echo(json.dumps(counts))
+        return
+    width = max(len(name) for name in [*counts, TIMM_PREFIX + "<name>"])
+    for name, count in counts.items():
+        typer.echo(f"{name:<{width}}  {count:>12,} parameters")
+    typer.echo(f"{TIMM_PREFIX + '<name>':<{width}}  any timm model (see timm.list_models()), e.g. timm:resnet10t")

@@ -25,14 +25,12 @@ import copy
 import dataclasses
 import json
 import math
-import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 
 from beton.atomic import atomic_path, atomic_write_text
 from beton.errors import UserError
@@ -291,40 +289,3 @@ def resolve_max_lr(cfg: ExperimentConfig, setup, log: Callable[[str], None] = pr
     if out is not None:
         write(result, out, f"{cfg.name}: LR range test")
     return dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, max_lr=value))
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def lr_find_command(
-    config: Path = typer.Argument(..., help="Experiment YAML (model, data, optimizer are taken from it)."),
-    start: float = typer.Option(1e-7, "--start", help="First LR of the range."),
-    end: float = typer.Option(10.0, "--end", help="Last LR of the range."),
-    iters: int = typer.Option(100, "--iters", help="Batches (LR steps) in the test."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set model.name=resnet34 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for lr_find.png and lr_find.json "
-                                       "(default: runs/<name>-lr-find)."),
-) -> None:
-    """LR range test: exponential LR steps from --start to --end, smoothed loss, stop on divergence;
-    writes lr_find.png and lr_find.json and prints the suggestions (steepest, valley, min/10).
-
-    Example: fastcifar lr-find configs/custom_resnet_onecycle.yaml --iters 100
-    """
-    from .config import load_config
-
-    _check_range(start, end, iters, 0.98, 4.0)
-    cfg = load_config(config, list(sets or []))
-    folder = out or Path("runs") / f"{cfg.name}-lr-find"
-    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():  # before the test, not after minutes of it
-        raise UserError(f"cannot write to {folder}: {blocker} is a file, not a folder")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = lr_find(cfg, start=start, end=end, iters=iters)
-    json_path, png_path = write(result, folder, f"{cfg.name}: LR range test")
-    typer.echo(f"LR range test of {cfg.name}: {result['steps']} steps from {start:.1e} to {end:.1e}")
-    for line in describe(result):
-        typer.echo(line)
-    typer.echo(f"for OneCycle: --set scheduler.max_lr={result['suggestions'][MAX_LR_SUGGESTION]:.3g} "
-               f"({MAX_LR_SUGGESTION}), or scheduler.max_lr: find")
-    typer.echo(f"wrote {json_path} and {png_path}")

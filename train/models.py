@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from typing import Callable, Union
 
 import torch
-import typer
 from torch import nn
 
 from beton.errors import UserError
@@ -308,18 +306,3 @@ def registered_counts(num_classes: int = 10) -> dict[str, int]:
     """Parameter count of every built-in model with batch norm; built on the meta device, so no memory."""
     with torch.device("meta"):
         return {name: count_parameters(build(num_classes, "batch")) for name, build in MODELS.items()}
-
-
-def models_command(as_json: bool = typer.Option(False, "--json", help="Print one JSON object: name -> parameters.")):
-    """List the registered models with their parameter counts (10 classes, batch norm).
-
-    Example: fastcifar models --json
-    """
-    counts = registered_counts()
-    if as_json:
-        typer.echo(json.dumps(counts))
-        return
-    width = max(len(name) for name in [*counts, TIMM_PREFIX + "<name>"])
-    for name, count in counts.items():
-        typer.echo(f"{name:<{width}}  {count:>12,} parameters")
-    typer.echo(f"{TIMM_PREFIX + '<name>':<{width}}  any timm model (see timm.list_models()), e.g. timm:resnet10t")

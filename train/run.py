@@ -19,9 +19,9 @@ import yaml
 from beton.atomic import atomic_write_text, remove_leftovers
 from beton.errors import UserError
 
-from . import checkpoint
 
 CONFIG, METRICS, TIMING, LOG, SUMMARY = "config.yaml", "metrics.jsonl", "timing.jsonl", "train.log", "summary.json"
+LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 
 class RunDir:
@@ -30,11 +30,11 @@ class RunDir:
 
     @property
     def last(self) -> Path:
-        return self.path / checkpoint.LAST
+        return self.path / LAST
 
     @property
     def best(self) -> Path:
-        return self.path / checkpoint.BEST
+        return self.path / BEST
 
     def create(self, config: dict, resume: bool) -> None:
         """Prepare the folder; refuse to mix a new run into an old one's files."""
