@@ -27,7 +27,8 @@ def save(path: Path, state: dict) -> None:
     try:
         atomic_write_bytes(path, buffer.getbuffer())
     except UserError as e:
-        raise UserError(f"{e}; the previous {path.name} is intact") from e
+        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        raise UserError(f"{e}; {kept}") from e
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -44,7 +45,7 @@ def load(path: Path, map_location="cpu") -> dict:
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {_unsafe_part(e)}") from e
     except Exception as e:  # torch's safe unpickler raises assorted errors on damaged bytes
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                        f"{str(e).splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a fastcifar checkpoint (format {FORMAT})")
     return state
