@@ -588,6 +588,9 @@ def test_run_folders(beton_dir, tmp_path, capsys):
     (bad_config / "config.yaml").write_text("model: {name: [\n")
     refused(capsys, ["analyze", bad_config], "config.yaml", "invalid YAML")
     refused(capsys, ["train", "--resume", bad_config], "config.yaml", "invalid YAML")
+    (bad_config / "config.yaml").write_text("[" * 5000)  # PyYAML's loader would recurse 5000 deep
+    refused(capsys, ["analyze", bad_config], "config.yaml", "nested too deeply")
+    refused(capsys, ["train", "--resume", bad_config], "config.yaml", "nested too deeply")
 
 
 def test_sweep_over_a_run_whose_summary_is_not_an_object(beton_dir, tmp_path, capsys):

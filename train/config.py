@@ -123,17 +123,39 @@ class ExperimentConfig:
         return to_dict(self)
 
 
+MAX_DEPTH = 64  # configs nest three deep; PyYAML's loader recurses once per level
+
+
+class TooDeep(yaml.YAMLError):
+    problem, problem_mark = "nested too deeply", None
+
+
+def safe_load(text: str):
+    """yaml.safe_load, refusing text nested deeper than MAX_DEPTH first: PyYAML's loader would recurse
+    until the stack runs out, and a RecursionError deep in the stack can misfire elsewhere (finalizers,
+    hooks). The depth is measured on the event stream, which PyYAML's parser yields without recursing."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise TooDeep("nested too deeply")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return yaml.safe_load(text)
+
+
 def _set(raw: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML) to the raw mapping."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set expects key=value, got {assignment!r}")
     try:
-        value = yaml.safe_load(text)
+        value = safe_load(text)
+    except TooDeep:
+        raise UserError(f"--set {key.strip()}: value nested too deeply") from None
     except yaml.YAMLError:
         value = text
-    except RecursionError:  # PyYAML recurses per nesting level
-        raise UserError(f"--set {key.strip()}: value nested too deeply") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -149,13 +171,11 @@ def load_raw(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
-    except RecursionError:  # PyYAML recurses per nesting level: thousands of '[' exhaust the stack
-        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config {path}: {e}") from e
     if raw is None:

@@ -19,6 +19,8 @@ import yaml
 from beton.atomic import atomic_write_text, remove_leftovers
 from beton.errors import UserError
 
+from .config import safe_load
+
 
 CONFIG, METRICS, TIMING, LOG, SUMMARY = "config.yaml", "metrics.jsonl", "timing.jsonl", "train.log", "summary.json"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -54,7 +56,7 @@ class RunDir:
         if not path.is_file():
             raise UserError(f"{self.path} is not a run folder (no {CONFIG})")
         try:
-            return yaml.safe_load(path.read_text()) or {}
+            return safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from e
 
