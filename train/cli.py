@@ -18,7 +18,10 @@ AFTER_RUN: list[Callable[[Path], None]] = []
 
 
 def _after_run(path: Path, analyze: bool) -> None:
-    if analyze:
+    """The hooks, on rank 0 alone under torchrun (the only rank that writes the run folder)."""
+    from . import distributed
+
+    if analyze and distributed.current().main:
         for hook in AFTER_RUN:
             hook(path)
 

@@ -78,14 +78,14 @@ def _run_one(cfg: ExperimentConfig, run: RunDir, log, after_run) -> None:
     else:
         log(f"train {cfg.name} -> {run.path}")
         fit(cfg, run)
-    if distributed.current().main:
-        after_run(run.path)
+    after_run(run.path)
 
 
 def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_run=lambda path: None) -> Path:
     """Run every config (skipping complete runs), filling out/results.md; returns its path.
 
-    `after_run(run_folder)` follows each run (the CLI's analysis, so results.md can link each report).
+    `after_run(run_folder)` follows each run on every rank (the CLI's analysis, which acts on rank 0
+    alone, so results.md can link each report).
     """
     files = collect(paths)
     configs = [(f, load_config(f, overrides)) for f in files]  # validate all before training any
