@@ -19,7 +19,7 @@ from beton.manifest import read_manifest
 
 from . import baselines
 from .config import DataConfig
-from .loaders import build_loader, read_split
+from .loaders import build_loader, cycle, read_split
 
 # The seeds' full augmentation: crop with padding 4, flip, rotate +-5 degrees, cutout 16.
 BENCH_AUGMENT = [{"random_crop": {"size": 32, "padding": 4}}, "flip", {"rotate": {"max_degrees": 5}},
@@ -28,14 +28,9 @@ KEYS = ("fastcifar_loader", "fastcifar_device", "fastcifar_test", "torchvision",
 WARMUP = 2
 
 
-def _epochs(loader):
-    while True:
-        yield from loader
-
-
 def images_per_second(loader, batches: int) -> float:
     """Steady-state rate: skip WARMUP batches, then time `batches` batches (cycling epochs)."""
-    stream = _epochs(loader)
+    stream = cycle(loader)
     for _ in islice(stream, WARMUP):
         pass
     n = 0

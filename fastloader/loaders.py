@@ -257,6 +257,18 @@ def build_loaders(cfg: DataConfig, device: str | torch.device = "cpu",
             build_loader(cfg, "test", device, dtype, manifest))
 
 
+def cycle(loader) -> Iterator:
+    """The loader's batches, epoch after epoch. Closing it ends the current epoch early: CifarLoader
+    then closes FFCV's iterator, releasing its worker thread and buffers, without reading the rest."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # or this would spin forever
+            raise UserError("the train loader yields no batches (fewer images than one batch with drop_last?)")
+
+
 def read_split(folder: str | Path, split: str, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All images (uint8 N x 32 x 32 x 3) and labels of a split, in dataset order."""
     path = Path(folder) / schema.beton_name(split)

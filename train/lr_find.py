@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from beton.atomic import atomic_path, atomic_write_text
 from beton.errors import UserError
+from fastloader.loaders import cycle
 
 from . import checkpoint as ckpt
 from .config import ExperimentConfig
@@ -74,9 +75,9 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
     factor = (end / start) ** (1.0 / (iters - 1))
     lrs, losses, smoothed = [], [], []
     avg, best, stop_reason = 0.0, math.inf, None
+    batches = cycle(loader)
     try:
         model.train()
-        batches = _epochs(loader)
         bar = _bar(iters, progress)
         for i in range(iters):
             images, labels = next(batches)
@@ -110,8 +111,8 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                 stop_reason = f"smoothed loss {s:.4f} > {diverge:g} x best {best:.4f} at lr {lr:.3e}"
                 break
         bar.close()
-        batches.finish()
     finally:
+        batches.close()  # ends the epoch in progress
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         optimizer.zero_grad(set_to_none=True)
@@ -126,34 +127,6 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
             "steps": len(lrs), "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
             "lr": lrs, "loss": losses, "smoothed": smoothed, "suggestions": suggestions(lrs, smoothed),
             "max_lr_suggestion": MAX_LR_SUGGESTION}
-
-
-class _epochs:
-    """Batches of a loader epoch after epoch, each epoch read to its end when finished early:
-    an FFCV epoch abandoned midway keeps its worker thread and buffers alive."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.iterator = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        for _ in range(2):
-            if self.iterator is None:
-                self.iterator = iter(self.loader)
-            try:
-                return next(self.iterator)
-            except StopIteration:
-                self.iterator = None
-        raise UserError("the train loader yields no batches (fewer images than one batch with drop_last?)")
-
-    def finish(self) -> None:
-        if self.iterator is not None:
-            for _ in self.iterator:
-                pass
-            self.iterator = None
 
 
 def _bar(total: int, enabled: bool):
