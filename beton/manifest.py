@@ -162,6 +162,31 @@ def _validate(path: Path, manifest) -> None:
         need(all(map(_count, entry["per_class"])), f"'splits.{split}.per_class' is not a list of non-negative integers")
 
 
+_VERIFIED: set[tuple] = set()  # (path, size, mtime) of betons whose sha256 matched: a process hashes each once
+
+
+def check_beton(folder: str | Path, manifest: dict, split: str) -> Path:
+    """The path of `split`'s beton, after its size and sha256 match the manifest: FFCV reads a damaged
+    beton's header and offsets without checks, so corrupt bytes could crash the reader or feed garbage."""
+    folder = Path(folder)
+    entry = manifest["splits"][split]
+    path = folder / beton_name(split)  # not entry["file"]: a manifest must not point outside its folder
+    if not path.is_file():
+        raise UserError(f"missing {path}; write it with `fastcifar beton write`")
+    stat = path.stat()
+    expected = entry.get("bytes")
+    if expected is not None and stat.st_size != expected:
+        raise UserError(f"{path} is truncated or changed ({stat.st_size} bytes, manifest says "
+                        f"{expected}); check it with `fastcifar beton inspect {folder}`")
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        if sha256_file(path) != entry["sha256"]:
+            raise UserError(f"{path} is corrupt or was changed (its sha256 differs from the manifest's); "
+                            f"write it again with `fastcifar beton write`")
+        _VERIFIED.add(key)
+    return path
+
+
 def verify(folder: str | Path, manifest: dict | None = None) -> list[FileCheck]:
     """sha256 of each beton against the manifest; a missing file fails with actual=None."""
     folder = Path(folder)

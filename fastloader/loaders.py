@@ -26,7 +26,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from beton import schema
 from beton.errors import UserError
-from beton.manifest import read_manifest, sha256_file
+from beton.manifest import check_beton, read_manifest
 
 from .config import DataConfig
 from .device import DeviceAugment, Normalise
@@ -136,30 +136,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-_VERIFIED: set[tuple] = set()  # (path, size, mtime) of betons whose sha256 matched, so a process hashes each once
-
-
-def _check_files(folder: Path, manifest: dict) -> None:
-    """Size and sha256 against the manifest: FFCV reads a damaged beton's header and offsets without
-    checks, so corrupt bytes could crash the process or silently feed garbage (hashing costs ~0.3 s)."""
-    for split in schema.SPLITS:
-        path = folder / schema.beton_name(split)
-        if not path.is_file():
-            raise UserError(f"missing {path}; write it with `fastcifar beton write`")
-        entry = manifest["splits"].get(split, {})
-        stat = path.stat()
-        expected = entry.get("bytes")
-        if expected is not None and stat.st_size != expected:
-            raise UserError(f"{path} is truncated or changed ({stat.st_size} bytes, manifest says "
-                            f"{expected}); check it with `fastcifar beton inspect {folder}`")
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _VERIFIED:
-            if sha256_file(path) != entry.get("sha256"):
-                raise UserError(f"{path} is corrupt or was changed (its sha256 differs from the manifest's); "
-                                f"write it again with `fastcifar beton write`")
-            _VERIFIED.add(key)
-
-
 def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: int, indices, drop_last: bool,
                  batches_ahead: int, os_cache: bool, image_ops: list, device: torch.device, train: bool,
                  shard: bool) -> Loader:
@@ -209,7 +185,7 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
     device = torch.device(device)
     folder = Path(cfg.folder())
     manifest = manifest or read_manifest(folder)
-    _check_files(folder, manifest)
+    path = check_beton(folder, manifest, split)
     mean, std = manifest["mean"], manifest["std"]
     train = split == "train"
     augs = cfg.augmentations() if train else []
@@ -241,7 +217,7 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
 
     batch = cfg.batch_size if train else (cfg.test_batch_size or cfg.batch_size)
     threads = cpu_cores()  # not torch.get_num_threads(): importing FFCV set that to 1
-    loader = _ffcv_loader(folder / schema.beton_name(split), batch, cfg.num_workers(),
+    loader = _ffcv_loader(path, batch, cfg.num_workers(),
                           cfg.order if train else "sequential", cfg.seed, indices,
                           cfg.drop_last and train, cfg.batches_ahead, cfg.os_cache, image_ops, device, train,
                           shard)
