@@ -110,10 +110,10 @@ def is_integer_map(m):
 
 
 @njit(**_FAST)
-def warp_one(img, out, p, codes, settings, fill64, scale64, offset64):
-    """Augment one HWC image `img` into `out` with the parameters `p` of `sample_params`."""
+def warp_one(img, out, p, integer, codes, settings, fill64, scale64, offset64):
+    """Augment one HWC image `img` into `out` with the parameters `p` of `sample_params`;
+    `integer`: `is_integer_map(p[0])`, which the caller needs first to pick the source's dtype."""
     m64 = p[0]
-    integer = is_integer_map(m64)
     m = (np.float32(m64[0]), np.float32(m64[1]), np.float32(m64[2]),
          np.float32(m64[3]), np.float32(m64[4]), np.float32(m64[5]))
     fill = (np.float32(fill64[0]), np.float32(fill64[1]), np.float32(fill64[2]))
@@ -161,9 +161,9 @@ def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill
         p = np.empty((k + 1, N_COLS), dtype=np.float64)
         sample_params(codes, settings, in_size, seed, epoch, indices[i], p)
         if is_integer_map(p[0]):
-            warp_one(src[i], dst[i], p, codes, settings, fill, scale, offset)
+            warp_one(src[i], dst[i], p, True, codes, settings, fill, scale, offset)
         else:
             img = np.empty(src.shape[1:], dtype=np.float32)  # the source as float32, for bilinear taps
             _to_float(src[i], img)
-            warp_one(img, dst[i], p, codes, settings, fill, scale, offset)
+            warp_one(img, dst[i], p, False, codes, settings, fill, scale, offset)
     return dst
