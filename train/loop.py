@@ -119,17 +119,22 @@ class Progress:
         return {"lr": self.lr, "loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()),
                 "count": self.count, "batch": self.batch, "seconds": self.seconds}
 
+    def _sums(self, device: torch.device) -> tuple[float, int, int]:
+        """Loss sum, correct and count over all ranks."""
+        loss_sum, correct, count = distributed.all_sum([self.loss_sum.item(), self.correct.item(), self.count], device)
+        return loss_sum, int(correct), int(count)
+
     def global_state(self, device: torch.device, running: float = 0.0) -> dict:
         """state() with every rank's sums, for a mid-epoch checkpoint (rank 0 writes it; on resume rank 0
         starts from these sums, the others from zero). `running`: seconds of this epoch not yet added."""
-        loss_sum, correct, count = distributed.all_sum([self.loss_sum.item(), self.correct.item(), self.count], device)
-        return {**self.state(), "loss_sum": loss_sum, "correct": int(correct), "count": int(count),
+        loss_sum, correct, count = self._sums(device)
+        return {**self.state(), "loss_sum": loss_sum, "correct": correct, "count": count,
                 "seconds": self.seconds + running}
 
     def summed(self, device: torch.device) -> Pass:
         """The pass over the whole epoch: sums over all ranks."""
-        loss_sum, correct, count = distributed.all_sum([self.loss_sum.item(), self.correct.item(), self.count], device)
-        return Pass(loss_sum / max(count, 1), int(correct), int(count), self.seconds)
+        loss_sum, correct, count = self._sums(device)
+        return Pass(loss_sum / max(count, 1), correct, count, self.seconds)
 
 
 @dataclass
