@@ -15,8 +15,7 @@ from analysis.cli import analyze_command
 from beton.cli import app as beton_app
 from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
-from train import cli as train_cli
-from train.cli import bench_train_command, lr_find_command, models_command, sweep_command, train_command
+from train.cli import AFTER_RUN, bench_train_command, lr_find_command, models_command, sweep_command, train_command
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -45,12 +44,10 @@ def _analyze_run(run_dir) -> None:
     analyze(run_dir, log=typer.echo)
 
 
-train_cli.AFTER_RUN.append(_analyze_run)
-
-
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
     """fastcifar: fast CIFAR training on FFCV betons with JIT augmentations."""
+    ctx.obj = {AFTER_RUN: _analyze_run}  # `train` and `sweep` run it after each run (unless --no-analyze)
 
 
 def _fail(message: str) -> None:

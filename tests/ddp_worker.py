@@ -50,11 +50,11 @@ def capturing_build(*args, **kwargs):
 train_epoch = loop.train_epoch
 
 
-def failing_train_epoch(s, model, optimizer, schedule, scaler, epoch, *args, **kwargs):
+def failing_train_epoch(s, t, epoch, *args, **kwargs):
     if str(rank) == os.environ.get("FAIL_RANK") and str(epoch) == os.environ.get("FAIL_EPOCH"):
         (record / "failed_at").write_text(str(time.time()))
         raise RuntimeError(f"injected failure on rank {rank}")
-    return train_epoch(s, model, optimizer, schedule, scaler, epoch, *args, **kwargs)
+    return train_epoch(s, t, epoch, *args, **kwargs)
 
 
 def dump() -> None:

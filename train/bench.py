@@ -1,91 +1,48 @@
-"""`fastcifar bench train`: training images/s, and how much of it the data loading costs.
+"""`fastcifar bench train`: training images/s by memory format and precision, and what loading costs.
 
-- fp32_nchw vs channels_last_autocast: the same model and synthetic batch,
-  plain fp32 in NCHW against channels_last under autocast (bf16 on the CPU).
-- loop_real_loader vs loop_synthetic: `loop.train_epoch` itself over the real
-  loader, and over one batch already in memory served as many times; their
-  ratio is the loop efficiency (1.0: data loading costs nothing).
+Every figure times `step.train_step`, the training loop's own step, on the config's model and batch:
+- fp32_nchw, fp32_channels_last, bf16_channels_last: one synthetic batch, a fresh copy of the model
+  each; `auto` is what `precision: auto` resolves to on this machine (the faster of the last two on
+  the CPU, measured here rather than read from the cache); `channels_last_autocast` is the run's
+  precision (the config's, `auto` resolved), kept for scripts that read it;
+- compiled (with --compile): the run's precision under `torch.compile`, compile time apart;
+- loop_real_loader vs loop_synthetic: `loop.train_epoch` itself over the real loader, and over one
+  batch already in memory served as many times; their ratio is the loop efficiency (1.0: data
+  loading costs nothing).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .config import ExperimentConfig
 from .hardware import resolve_precision
-from .loop import build, train_epoch
-from .models import create_model
-from .optim import build_optimizer, build_schedule
-
-WARMUP = 1
-
-
-def _step_rate(model, images, labels, precision, device, steps: int) -> float:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for i in range(WARMUP + steps):
-        if i == WARMUP:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        with precision.autocast(device):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    loss.item()
-    return steps * len(labels) / (time.perf_counter() - start)
+from .loop import train_epoch
+from .setup import build
+from .speed import rate, step_rate, synthetic_batch
+from .state import start
+from .step import Step
 
 
 class _Repeat:
-    """One in-memory batch served `n` times, with the loader interface train_epoch uses."""
+    """One in-memory batch served `n` times: a `setup.BatchLoader` without loading."""
 
     def __init__(self, batch, n: int):
-        self.batch, self.n = batch, n
+        self.batch, self.n, self.num_samples = batch, n, n * len(batch[1])
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.n
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         pass
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
         for _ in range(self.n):
             yield self.batch
-
-
-def run(cfg: ExperimentConfig, steps: int) -> dict:
-    s = build(cfg)
-    device, n = s.device, cfg.data.batch_size
-    classes = len(s.classes)
-    images = torch.randn(n, 3, 32, 32, device=device)
-    labels = torch.randint(0, classes, (n,), device=device)
-    results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads()}
-
-    torch.manual_seed(0)
-    fp32 = resolve_precision("fp32", device)
-    plain = create_model(cfg.model, num_classes=classes).to(device)
-    results["fp32_nchw"] = _step_rate(plain, images, labels, fp32, device, steps)
-    del plain
-    fast = s.model
-    results["channels_last_autocast"] = _step_rate(
-        fast, images.contiguous(memory_format=torch.channels_last).to(s.precision.batch_dtype), labels,
-        s.precision, device, steps)
-    results["precision"] = s.precision.name
-
-    optimizer = build_optimizer(fast, cfg.optimizer)
-    schedule = build_schedule(optimizer, replace(cfg.scheduler, name="none"), 1, steps, cfg.optimizer.lr)
-    real = _Limited(s.train_loader, steps)
-    synthetic = _Repeat(tuple(t.clone() for t in next(iter(s.train_loader))), steps)  # FFCV reuses buffers
-    for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", real)):
-        timed = replace(s, train_loader=loader)
-        p = train_epoch(timed, fast, optimizer, schedule, None if s.precision.name != "fp16" else s.precision.scaler(device),
-                        0, key)
-        results[key] = p.count / p.seconds
-    results["loop_efficiency"] = results["loop_real_loader"] / results["loop_synthetic"]
-    return results
 
 
 class _Limited:
@@ -93,15 +50,60 @@ class _Limited:
 
     def __init__(self, loader, n: int):
         self.loader, self.n = loader, min(n, len(loader))
+        self.num_samples = self.n * loader.batch_size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.n
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
         for i, batch in enumerate(self.loader):
             if i == self.n:
                 break
             yield batch
+
+
+def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
+    s = build(cfg)
+    device, n, classes = s.device, cfg.data.batch_size, len(s.classes)
+    results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads()}
+    for key, name, channels_last in (("fp32_nchw", "fp32", False), ("fp32_channels_last", "fp32", True),
+                                     ("bf16_channels_last", "bf16", True)):
+        results[key] = rate(s.model, cfg.optimizer, resolve_precision(name, device), device, n, classes, steps,
+                            channels_last)
+    if device.type == "cuda":
+        results["auto"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        results["auto"] = "bf16" if results["bf16_channels_last"] > results["fp32_channels_last"] else "fp32"
+    results["precision"] = s.precision.name
+    results["channels_last_autocast"] = (results["fp32_channels_last"] if s.precision.name == "fp32" else
+                                         results["bf16_channels_last"] if s.precision.name == "bf16" else
+                                         rate(s.model, cfg.optimizer, s.precision, device, n, classes, steps))
+    if compile:
+        results.update(_compiled(s, steps))
+
+    timed = replace(s, cfg=replace(cfg, scheduler=replace(cfg.scheduler, name="none"),
+                                   train=replace(cfg.train, epochs=1, compile=False)))
+    synthetic = _Repeat(tuple(x.clone() for x in next(iter(s.train_loader))), steps)  # FFCV reuses buffers
+    for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(s.train_loader, steps))):
+        t = start(replace(timed, train_loader=loader))
+        p = train_epoch(replace(timed, train_loader=loader), t, 0)
+        results[key] = p.count / p.seconds
+    results["loop_efficiency"] = results["loop_real_loader"] / results["loop_synthetic"]
+    return results
+
+
+def _compiled(s, steps: int) -> dict:
+    """The run's precision under torch.compile: compile seconds (first steps) apart from images/s."""
+    from .optim import build_optimizer
+
+    model = copy.deepcopy(s.model)
+    compiled = torch.compile(model)
+    step = Step.create(compiled, build_optimizer(model, s.cfg.optimizer), s.precision, s.device)
+    images, labels = synthetic_batch(s.cfg.data.batch_size, len(s.classes), s.device, s.precision.batch_dtype)
+    begin = time.perf_counter()
+    step_rate(step, images, labels, steps=1, warmup=1)  # compiles (forward, backward, optimizer)
+    compile_s = time.perf_counter() - begin
+    return {"compiled": step_rate(step, images, labels, steps, warmup=1), "compile_seconds": compile_s}

@@ -12,18 +12,23 @@ import typer
 from beton.errors import UserError
 
 RUNS = Path("runs")
-# Called with each finished run folder unless --no-analyze: the CLI root registers the analysis here,
-# since train must not import analysis (dependencies flow beton <- fastloader <- train -> analysis).
-AFTER_RUN: list[Callable[[Path], None]] = []
+AfterRun = Callable[[Path], None]
+AFTER_RUN = "after_run"  # key of the CLI context: what follows each finished run (the root passes the analysis,
+# which train may not import: dependencies flow beton <- fastloader <- train -> analysis)
 
 
-def _after_run(path: Path, analyze: bool) -> None:
-    """The hooks, on rank 0 alone under torchrun (the only rank that writes the run folder)."""
-    from . import distributed
+def _after_run_of(ctx: typer.Context, analyze: bool) -> AfterRun:
+    """The context's after-run step, on rank 0 alone under torchrun (the only rank that writes the run
+    folder); nothing with --no-analyze or without one."""
+    step = (ctx.obj or {}).get(AFTER_RUN) if analyze else None
 
-    if analyze and distributed.current().main:
-        for hook in AFTER_RUN:
-            hook(path)
+    def after_run(path: Path) -> None:
+        from . import distributed
+
+        if step is not None and distributed.current().main:
+            step(path)
+
+    return after_run
 
 
 def _overrides(sets: list[str], epochs: int | None, subset: int | None) -> list[str]:
@@ -36,6 +41,7 @@ def _overrides(sets: list[str], epochs: int | None, subset: int | None) -> list[
 
 
 def train_command(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Argument(None, help="Experiment YAML (see configs/)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set optimizer.lr=0.1 (repeatable)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
@@ -75,10 +81,11 @@ def train_command(
         best = max(history, key=lambda m: m["test_acc"])
         typer.echo(f"done: final test accuracy {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
                    f"at epoch {best['epoch']}; run folder {run.path}")
-        _after_run(run.path, not no_analyze)
+        _after_run_of(ctx, not no_analyze)(run.path)
 
 
 def sweep_command(
+    ctx: typer.Context,
     configs: List[Path] = typer.Argument(..., help="Config files and/or folders of *.yaml configs."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key in every config (repeatable)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs in every config."),
@@ -95,7 +102,7 @@ def sweep_command(
 
     main = distributed.launched().main  # under torchrun, rank 0 alone prints and writes
     results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo if main else lambda m: None,
-                    after_run=lambda path: _after_run(path, not no_analyze))
+                    after_run=_after_run_of(ctx, not no_analyze))
     if main:
         typer.echo(f"results: {results}")
         typer.echo(results.read_text())
@@ -107,9 +114,11 @@ def bench_train_command(
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Batch size for every measurement."),
     steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps per measurement."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
+    compile: bool = typer.Option(False, "--compile", help="Also time the run's precision under torch.compile."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Training images/s: fp32 NCHW vs channels_last + autocast, and the loop on real vs in-memory batches.
+    """Training images/s: fp32 NCHW, fp32 and bf16 channels_last (what precision auto picks), optionally
+    torch.compile, and the loop on real vs in-memory batches.
 
     Example: fastcifar bench train --model resnet18 --batch-size 128 --steps 5
     """
@@ -120,14 +129,20 @@ def bench_train_command(
 
     extra = list(sets or []) + [f"data.batch_size={batch_size}"] + ([f"model.name={model}"] if model else [])
     cfg = load_config(config, extra) if config else build_config({"name": "bench"}, extra)
-    r = run(cfg, steps)
+    r = run(cfg, steps, compile)
     if as_json:
         typer.echo(json.dumps(r))
         return
-    typer.echo(f"{r['model']}, batch {r['batch_size']}, {r['device']}, {r['threads']} threads, {r['precision']} autocast")
+    from .speed import cpu_model
+
+    typer.echo(f"{r['model']}, batch {r['batch_size']}, {r['device']} ({cpu_model()}), {r['threads']} threads; "
+               f"precision auto -> {r['auto']}, this config runs {r['precision']}")
     typer.echo(f"fp32 NCHW                    {r['fp32_nchw']:>10,.1f} img/s")
-    typer.echo(f"channels_last + autocast     {r['channels_last_autocast']:>10,.1f} img/s  "
-               f"({r['channels_last_autocast'] / r['fp32_nchw']:.2f}x)")
+    for key, label in (("fp32_channels_last", "fp32 channels_last"), ("bf16_channels_last", "bf16 channels_last")):
+        typer.echo(f"{label:<29}{r[key]:>10,.1f} img/s  ({r[key] / r['fp32_nchw']:.2f}x)")
+    if "compiled" in r:
+        typer.echo(f"{r['precision']} + torch.compile          {r['compiled']:>10,.1f} img/s  "
+                   f"({r['compiled'] / r['fp32_nchw']:.2f}x; compiling took {r['compile_seconds']:.1f} s)")
     typer.echo(f"loop, in-memory batches      {r['loop_synthetic']:>10,.1f} img/s")
     typer.echo(f"loop, real loader            {r['loop_real_loader']:>10,.1f} img/s  "
                f"(efficiency {r['loop_efficiency']:.3f})")

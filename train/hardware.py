@@ -45,8 +45,9 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
-    def scaler(self, device: torch.device):
-        return torch.amp.GradScaler(device.type) if self.scaled else None
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """fp16 scales the loss so small gradients survive; elsewhere the scaler is disabled (a no-op)."""
+        return torch.amp.GradScaler(device.type, enabled=self.scaled)
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:

@@ -30,7 +30,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from beton.atomic import atomic_path, atomic_write_text
 from beton.errors import UserError
@@ -39,6 +38,8 @@ from fastloader.loaders import cycle
 from . import checkpoint as ckpt
 from .config import ExperimentConfig
 from .optim import build_optimizer
+from .setup import Setup, build
+from .step import Step, train_step
 
 SUGGESTIONS = ("steepest", "valley", "min/10")
 MAX_LR_SUGGESTION = "valley"  # what `scheduler.max_lr: find` uses
@@ -60,10 +61,11 @@ def _check_range(start: float, end: float, iters: int, smooth: float, diverge: f
 
 def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, *, precision, device,
                start: float = 1e-7, end: float = 10.0, iters: int = 100, smooth: float = 0.98,
-               diverge: float = 4.0, label_smoothing: float = 0.0, progress: bool = True) -> dict:
+               diverge: float = 4.0, train_cfg=None, progress: bool = True) -> dict:
     """Run the range test on `model` with `optimizer` over `loader`; restores all state afterwards.
 
-    Returns the result dict (see `lr_find`).
+    Each batch is one `train_step` (the training loop's own, with `train_cfg`'s label smoothing and
+    clipping), its LR set beforehand. Returns the result dict (see `lr_find`).
     """
     _check_range(start, end, iters, smooth, diverge)
     model_state = copy.deepcopy(model.state_dict())
@@ -71,7 +73,7 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
     rng_state = ckpt.rng_state()
     loader_epoch = getattr(loader, "epoch", None)
     was_training = model.training
-    scaler = precision.scaler(device)
+    step = Step.create(model, optimizer, precision, device, train_cfg)  # no schedule: the LR is set here
     factor = (end / start) ** (1.0 / (iters - 1))
     lrs, losses, smoothed = [], [], []
     avg, best, stop_reason = 0.0, math.inf, None
@@ -84,18 +86,8 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
             lr = start * factor ** i
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with precision.autocast(device):
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            value = float(loss.detach().float().item())
+            loss, _ = train_step(step, images, labels)
+            value = float(loss.float().item())
             avg = smooth * avg + (1 - smooth) * value
             s = avg / (1 - smooth ** (i + 1))
             bar.update(1)
@@ -163,8 +155,9 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
 
 
 def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters: int = 100,
-            smooth: float = 0.98, diverge: float = 4.0, setup=None, optimizer=None, progress: bool = True) -> dict:
-    """The LR range test for `cfg`: on `setup` (a `train.loop.Setup`; built from cfg when None),
+            smooth: float = 0.98, diverge: float = 4.0, setup: Optional[Setup] = None, optimizer=None,
+            progress: bool = True) -> dict:
+    """The LR range test for `cfg`: on `setup` (a `train.setup.Setup`; built from cfg when None),
     with `optimizer` (default: `build_optimizer(model, cfg.optimizer)`, its LR set per step).
 
     Model, optimizer, RNG and loader epoch are restored afterwards. Returns a dict with the
@@ -173,14 +166,12 @@ def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters
     """
     _check_range(start, end, iters, smooth, diverge)
     if setup is None:
-        from .loop import build
-
         setup = build(cfg)
     if optimizer is None:
         optimizer = build_optimizer(setup.model, cfg.optimizer)
     return range_test(setup.model, setup.train_loader, optimizer, precision=setup.precision, device=setup.device,
                       start=start, end=end, iters=iters, smooth=smooth, diverge=diverge,
-                      label_smoothing=cfg.train.label_smoothing, progress=progress)
+                      train_cfg=cfg.train, progress=progress)
 
 
 # ---------------------------------------------------------------- output

@@ -54,11 +54,16 @@ def write_results(rows: list[str], results: Path) -> None:
     atomic_write_text(results, "# Results\n\n" + header + "".join(r + "\n" for r in rows))
 
 
+# (section, key, value) settings that a run resolves when it starts and saves resolved in its config.yaml
+RESOLVED_AT_START = (("scheduler", "max_lr", "find"), ("train", "precision", "auto"))
+
+
 def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
-    """Equal configs, where a saved run may hold the number that `max_lr: find` resolved to."""
+    """Equal configs, where a saved run may hold what `max_lr: find` and `precision: auto` resolved to."""
     wanted = cfg.to_dict()
-    if wanted["scheduler"]["max_lr"] == "find":
-        wanted["scheduler"]["max_lr"] = saved.get("scheduler", {}).get("max_lr")
+    for section, key, value in RESOLVED_AT_START:
+        if wanted[section][key] == value:
+            wanted[section][key] = saved.get(section, {}).get(key)
     return saved == wanted
 
 

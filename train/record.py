@@ -1,0 +1,105 @@
+"""Writing a run folder during training: the log, checkpoints, metrics, summary and TensorBoard.
+
+Every rank calls these; rank 0 alone writes, through `distributed.on_main`, so a write that fails
+there (a full disk) ends every rank with the same one-line error instead of a hang.
+"""
+from __future__ import annotations
+
+from beton.errors import Interrupted
+
+from . import checkpoint, distributed
+from .metrics import Progress, run_summary, summary_line
+from .models import count_parameters
+from .run import RunDir
+from .setup import Setup
+from .state import Training
+
+
+class Recorder:
+    """The run folder of one training process (writes on rank 0)."""
+
+    def __init__(self, run: RunDir, s: Setup):
+        self.run, self.s = run, s
+        self.main = s.world.main
+        self.board = None
+
+    def open(self, resume: bool) -> None:
+        """Create the folder (after every check: a failed start leaves none behind) and TensorBoard."""
+        distributed.on_main(lambda: self.run.create(self.s.cfg.to_dict(), resume), self.s.device)
+
+    def log(self, line: str, echo: bool = True) -> None:
+        if self.main:
+            self.run.log(line, echo)
+
+    def resume(self, t: Training) -> dict | None:
+        """Load the last checkpoint into `t`; returns its mid-epoch progress, if any."""
+        saved = t.load_state_dict(checkpoint.load(self.run.last), self.run.last)  # on the CPU: RNG stays there
+        if saved and not self.main:  # rank 0's saved sums already hold every rank's share
+            saved = {**saved, "loss_sum": 0.0, "correct": 0, "count": 0}
+        if self.main:
+            self._records(t)  # a crash may have left them behind the checkpoint
+        where = f"epoch {t.epoch + 1}, batch {saved['batch']}" if saved else f"epoch {t.epoch}"
+        self.log(f"resumed {self.run.path} after {where} of {self.s.cfg.train.epochs}")
+        self._open_board(t.epoch)
+        return saved
+
+    def begin(self, t: Training) -> None:
+        s, cfg = self.s, self.s.cfg
+        world = s.world
+        self.log(f"run {cfg.name}: {cfg.model.name} ({cfg.model.norm} norm), {count_parameters(t.model):,} parameters, "
+                 f"{cfg.optimizer.name} + {cfg.scheduler.name}, {cfg.train.epochs} epochs, batch {cfg.data.batch_size}"
+                 f"{f' over {world.size} processes' if world.active else ''}, {s.precision.name} on {s.device}; "
+                 f"{s.train_loader.num_samples:,} train / {s.test_loader.num_samples:,} test images")
+        self._open_board(0)
+
+    def epoch_end(self, t: Training, improved: bool) -> None:
+        """The epoch t.history[-1] is done: best and last checkpoints, metrics, the summary line, TensorBoard."""
+        metrics, times = t.history[-1], t.timing[-1]
+
+        def write() -> None:
+            state = t.state_dict(self.s.cfg, metrics["epoch"])
+            if improved:  # best before last: a crash between the two re-runs this epoch and rewrites both
+                checkpoint.save(self.run.best, state)
+            checkpoint.save(self.run.last, state)
+            self._records(t)
+            self.run.log(summary_line(metrics, times, self.s.cfg.train.epochs))
+            for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
+                self.board.add_scalar(key, metrics[key], metrics["epoch"])
+            self.board.add_scalar("images_per_s", times["images_per_s"], metrics["epoch"])
+            self.board.flush()
+
+        distributed.on_main(write, self.s.device)
+
+    def save_partial(self, t: Training, epochs_done: int, progress: Progress, running: float = 0.0) -> None:
+        """A mid-epoch checkpoint: resume continues after `progress.batch` batches of the next epoch."""
+        partial = progress.global_state(self.s.device, running)
+        distributed.on_main(lambda: checkpoint.save(self.run.last, t.state_dict(self.s.cfg, epochs_done, partial)),
+                            self.s.device)
+
+    def interrupted(self, t: Training, epochs_done: int, progress: Progress | None) -> Interrupted:
+        """Save a resumable checkpoint (mid-epoch; at an epoch's end it is saved already); the error to raise."""
+        if progress is not None:
+            self.save_partial(t, epochs_done, progress)
+        where = f"epoch {epochs_done + 1}, batch {progress.batch}" if progress else f"epoch {epochs_done}"
+        message = f"interrupted: checkpoint saved after {where}; continue with: fastcifar train --resume {self.run.path}"
+        self.log(message, echo=False)  # the CLI prints it, on stderr
+        return Interrupted(message if self.main else "")  # said once, by rank 0
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+    def _records(self, t: Training) -> None:
+        """metrics.jsonl, timing.jsonl and summary.json from the history (the checkpoint's, on resume)."""
+        self.run.write_metrics(t.history)
+        self.run.write_timing(t.timing)
+        if t.history:
+            self.run.write_summary(run_summary(self.s.cfg, count_parameters(t.model), t.history, t.timing))
+
+    def _open_board(self, start_epoch: int) -> None:
+        """TensorBoard events in run/tb; on resume, events past the checkpoint are dropped."""
+        if not self.main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.board = SummaryWriter(str(self.run.path / "tb"), purge_step=start_epoch + 1 if start_epoch else None)

@@ -1,0 +1,75 @@
+"""What a run is made of, built from its config: device, precision, model and loaders.
+
+`build` is shared by training, the LR range test and the benchmarks, so all three train the
+same model on the same batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+from beton.manifest import read_manifest
+from fastloader.loaders import build_loaders
+
+from . import distributed
+from .config import ExperimentConfig
+from .hardware import Precision, resolve_device, resolve_precision
+from .models import create_model
+from .speed import auto_precision
+
+
+@runtime_checkable
+class BatchLoader(Protocol):
+    """What the loop needs of a loader: one epoch of (images, labels) batches per iteration."""
+
+    num_samples: int  # images per epoch on this rank (before drop_last)
+
+    def __len__(self) -> int:  # batches per epoch
+        ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ...
+
+    def set_epoch(self, epoch: int) -> None:  # the epoch the next iteration draws order and augmentations for
+        ...
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built from its config (shared by train, lr-find and bench)."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    precision: Precision
+    model: torch.nn.Module
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    classes: list
+    world: distributed.World = field(default_factory=distributed.World)
+    notes: list = field(default_factory=list)  # what was resolved at build time, for the run's log
+
+
+def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
+    """The run's parts; `precision: auto` is resolved here (by measurement on the CPU) and `cfg` updated,
+    so the run's config.yaml holds the precision it ran in."""
+    device = device or resolve_device(cfg.train.device)
+    manifest = read_manifest(cfg.data.folder())
+    classes = list(manifest["classes"])
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = create_model(cfg.model, num_classes=len(classes))
+    if cfg.model.sync_bn:
+        model = distributed.sync_batchnorm(model, device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    notes = []
+    if cfg.train.precision == "auto":  # measured on rank 0, used by all
+        world = distributed.current()
+        name, note = distributed.from_main(auto_precision(cfg, model, device, len(classes))
+                                           if world.main else None, device)
+        cfg = replace(cfg, train=replace(cfg.train, precision=name))
+        notes.append(note)
+    precision = resolve_precision(cfg.train.precision, device)
+    train_loader, test_loader = build_loaders(cfg.data, device, precision.batch_dtype)
+    return Setup(cfg, device, precision, model, train_loader, test_loader, classes, distributed.current(), notes)

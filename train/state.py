@@ -1,0 +1,74 @@
+"""The state a run carries from epoch to epoch, and the checkpoint it becomes.
+
+`start` builds it from a `Setup`: optimizer, schedule, the step (with the model DDP-wrapped and
+compiled where asked) and the model evaluation runs. `state_dict`/`load_state_dict` turn it into
+plain data and back (a checkpoint, read with `weights_only=True`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from beton.errors import UserError
+
+from . import checkpoint, distributed
+from .optim import Schedule, build_optimizer, build_schedule
+from .setup import Setup
+from .step import Step
+
+
+@dataclass
+class Training:
+    model: torch.nn.Module  # the bare model: checkpoints hold its weights
+    step: Step  # trains step.model: the model, DDP-wrapped under torchrun, compiled with train.compile
+    eval_model: torch.nn.Module  # what evaluation runs (compiled where asked; never DDP: no collective per batch)
+    schedule: Schedule
+    epoch: int = 0  # epochs done
+    history: list = field(default_factory=list)  # metrics lines
+    timing: list = field(default_factory=list)  # timing lines
+    best_acc: float = -1.0
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step.optimizer
+
+    def state_dict(self, cfg, epochs_done: int, partial: dict | None = None) -> dict:
+        """A checkpoint after `epochs_done` epochs (and `partial["batch"]` batches of the next)."""
+        scaler = self.step.scaler
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": checkpoint.rng_state(),
+                "epoch": epochs_done, "history": self.history, "timing": self.timing, "best_acc": self.best_acc,
+                "config": cfg.to_dict(), "partial": partial}
+
+    def load_state_dict(self, state: dict, where) -> dict | None:
+        """Continue from a checkpoint; returns its mid-epoch progress (None: it ends an epoch)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.step.scaler.is_enabled() and state.get("scaler"):
+                self.step.scaler.load_state_dict(state["scaler"])
+            checkpoint.set_rng_state(state["rng"])
+            self.history, self.best_acc, self.epoch = list(state["history"]), float(state["best_acc"]), int(state["epoch"])
+            self.timing = list(state.get("timing") or [])
+            return state.get("partial")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"{where} does not fit this run's config ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'missing data'})") from e
+
+
+def start(s: Setup) -> Training:
+    """Optimizer, schedule and step for `s`'s model, at epoch 0."""
+    cfg = s.cfg
+    optimizer = build_optimizer(s.model, cfg.optimizer)
+    schedule = build_schedule(optimizer, cfg.scheduler, cfg.train.epochs, len(s.train_loader), cfg.optimizer.lr)
+    wrapped = distributed.wrap(s.model, s.device)
+    train_model = torch.compile(wrapped) if cfg.train.compile else wrapped
+    if not s.world.active:
+        eval_model = train_model
+    else:
+        eval_model = torch.compile(s.model) if cfg.train.compile else s.model
+    step = Step.create(train_model, optimizer, s.precision, s.device, cfg.train, schedule)
+    return Training(s.model, step, eval_model, schedule)
