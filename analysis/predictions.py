@@ -21,7 +21,8 @@ import torch
 from beton.atomic import atomic_write_bytes
 from beton.errors import UserError
 from beton.manifest import read_manifest
-from fastloader.loaders import build_loader, cpu_cores
+from fastloader.loaders import build_loader
+from fastloader.threads import cpu_cores
 from train import checkpoint as ckpt
 from train.config import ExperimentConfig, build_config
 from train.hardware import Precision, resolve_device, resolve_precision
@@ -169,22 +170,16 @@ def predict(model: torch.nn.Module, loader, precision: Precision, device: torch.
             fold_batchnorm: bool = True) -> Predictions:
     """Logits of every sample `loader` yields (one pass), with labels and dataset indices.
 
-    FFCV sets torch's thread count to its worker count (1 at import, then each loader's);
-    the pass asks for one torch thread per core and restores the previous count after.
+    The loader gives torch one thread per core (FFCV would leave it at its worker count).
     """
     net = inference_copy(model) if fold_batchnorm else model.eval()
     logits, labels, indices = [], [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_cores())
-    try:
-        for images, y, idx in loader.batches():
-            with precision.autocast(device):
-                out = net(images)
-            logits.append(out.float().cpu())  # a new tensor: not one of FFCV's buffers
-            labels.append(y.to("cpu", copy=True))
-            indices.append(idx.clone())
-    finally:
-        torch.set_num_threads(threads)
+    for images, y, idx in loader.batches():
+        with precision.autocast(device):
+            out = net(images)
+        logits.append(out.float().cpu())  # a new tensor: not one of FFCV's buffers
+        labels.append(y.to("cpu", copy=True))
+        indices.append(idx.clone())
     if not logits:
         raise UserError("the test split is empty: nothing to analyse")
     return Predictions(torch.cat(logits).numpy().astype(np.float32, copy=False),

@@ -13,7 +13,6 @@ bus (4x fewer bytes) and the GPU normalises.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +30,7 @@ from beton.manifest import check_beton, read_manifest
 from .config import DataConfig
 from .device import DeviceAugment, Normalise
 from .ops import EpochCell, FusedAugment
+from .threads import own_torch_threads
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -43,9 +43,8 @@ class CifarLoader:
     a copy (`images.clone()`).
     """
 
-    def __init__(self, loader: Loader, cell: EpochCell, finish, split: str, num_samples: int, torch_threads: int):
+    def __init__(self, loader: Loader, cell: EpochCell, finish, split: str, num_samples: int):
         self._loader = loader
-        self._torch_threads = torch_threads
         self._cell = cell
         self._finish = finish
         self.split = split
@@ -74,9 +73,7 @@ class CifarLoader:
         self._cell.epoch = epoch
         self._loader.next_epoch = epoch
         iterator = iter(self._loader)
-        # FFCV sets torch's thread count to its worker count at every epoch start; put it back, or
-        # the model's CPU reductions (and so the weights) would depend on data.workers
-        torch.set_num_threads(self._torch_threads)
+        own_torch_threads()  # FFCV set torch's thread count to its worker count at the epoch start
         try:
             for images, labels, indices in iterator:
                 yield self._finish(images, indices, epoch), labels, indices
@@ -120,13 +117,6 @@ class ShardedOrder(TraversalOrder):
             tail = np.resize(order, full + per * self.world)[full:] if self.tail == "pad" else order[full:]
             mine = np.concatenate([mine, tail[self.rank * per:(self.rank + 1) * per]])
         return mine
-
-
-def cpu_cores() -> int:
-    """The cores this process may use (its share, when torchrun starts several on one machine):
-    torch computes on all of them, whatever data.workers says."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def _world() -> tuple[int, int]:
@@ -216,13 +206,12 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
             return normalise(images)
 
     batch = cfg.batch_size if train else (cfg.test_batch_size or cfg.batch_size)
-    threads = cpu_cores()  # not torch.get_num_threads(): importing FFCV set that to 1
     loader = _ffcv_loader(path, batch, cfg.num_workers(),
                           cfg.order if train else "sequential", cfg.seed, indices,
                           cfg.drop_last and train, cfg.batches_ahead, cfg.os_cache, image_ops, device, train,
                           shard)
-    torch.set_num_threads(threads)  # FFCV's Loader set it to the worker count
-    return CifarLoader(loader, cell, finish, split, n, threads)
+    own_torch_threads()  # FFCV's Loader set it to the worker count
+    return CifarLoader(loader, cell, finish, split, n)
 
 
 def build_loaders(cfg: DataConfig, device: str | torch.device = "cpu",

@@ -94,8 +94,16 @@ class TrainConfig:
     seed: int = 0
     dist_timeout: float = 600.0  # torchrun: seconds a collective waits for a silent rank before the job ends
     checkpoint_every: int = 0  # also checkpoint every N batches (0: at epoch ends): a crash then loses < N batches
+    # wall time for training + evaluation, e.g. 10m, 90s, 1h: the run times its first steps and trains as many
+    # epochs as fit (at most `epochs`); config.yaml then holds that number and budget null, so resume and reruns
+    # need no timing
+    budget: Union[str, float, None] = None
+
+    def budget_seconds(self) -> Optional[float]:
+        return None if self.budget is None else parse_duration(self.budget, "train.budget")
 
     def __post_init__(self):
+        self.budget_seconds()
         if self.checkpoint_every < 0:
             raise UserError(f"train.checkpoint_every must be 0 (epoch ends only) or a number of batches, "
                             f"got {self.checkpoint_every}")
@@ -107,6 +115,26 @@ class TrainConfig:
             raise UserError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise UserError(f"train.grad_clip must be positive, got {self.grad_clip}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text, where: str) -> float:
+    """'10m', '90s', '1h30m' or a number of seconds -> seconds (positive)."""
+    import re
+
+    value = str(text).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", value)
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smh])", "", value).strip():
+            raise UserError(f"{where}: expected a duration like 10m, 90s or 1h30m, got {text!r}")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"{where} must be positive, got {text!r}")
+    return seconds
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .metrics import Pass, Progress, metrics_line, timing_line
 from .record import Recorder
 from .run import RunDir
 from .setup import Setup, build
+from .speed import resolve_budget
 from .state import Training, start
 from .step import train_step
 from .stop import StopRequest
@@ -50,9 +51,10 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
     `stop_after`: end after that epoch (checkpointed), as if interrupted there.
     Under torchrun, every rank calls this; only rank 0 writes `run`.
     """
+    started = time.perf_counter()
     world, device = distributed.setup(resolve_device(cfg.train.device), cfg.train.dist_timeout)
     try:
-        return _fit(cfg, run, resume, stop_after, device)
+        return _fit(cfg, run, resume, stop_after, device, started)
     except Exception as e:
         if world.active and not isinstance(e, UserError) and distributed.is_lost_peer(e):
             distributed.mark_broken()
@@ -61,11 +63,12 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
         raise
 
 
-def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | None, device) -> list[dict]:
-    # 1. Model, loaders, precision; `max_lr: find` becomes a number (config.yaml stores it, so resume needs none)
+def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | None, device,
+         started: float) -> list[dict]:
+    # 1. Model, loaders, precision; what the config leaves to measurement becomes numbers
     s = build(cfg, device)
     if not resume:
-        s.cfg = distributed.from_main(resolve_max_lr(s.cfg, s, log=s.notes.append), device)
+        resolve_at_start(s, started)
     t = start(s)
     rec = Recorder(run, s)
     rec.open(resume)
@@ -105,6 +108,16 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
                 raise rec.interrupted(t, epoch + 1, None)
     rec.close()
     return t.history
+
+
+def resolve_at_start(s: Setup, started: float) -> None:
+    """`max_lr: find` (an LR range test) and `train.budget` (timed steps) become numbers in `s.cfg`, which
+    config.yaml stores: resume and reruns need neither. Rank 0 measures; every rank takes its numbers."""
+    s.cfg = distributed.from_main(resolve_max_lr(s.cfg, s, log=s.notes.append), s.device)
+    cfg, line = distributed.from_main(resolve_budget(s, started) if s.world.main else None, s.device)
+    s.cfg = cfg
+    if line:
+        s.notes.append(line)
 
 
 def train_epoch(s: Setup, t: Training, epoch: int, stop: StopRequest | None = None, saved: dict | None = None,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from beton.atomic import atomic_write_text
+from fastloader.threads import cpu_cores, own_torch_threads
 
 from .hardware import Precision, resolve_precision
 from .step import Step, train_step
@@ -72,8 +73,7 @@ def cpu_model() -> str:
 
 def cache_key(cfg, device: torch.device) -> str:
     m = cfg.model
-    cores = torch.get_num_threads()
-    return (f"{cpu_model()}|{cores} threads|torch {torch.__version__}|{device.type}|{m.name}|{m.norm}|"
+    return (f"{cpu_model()}|{cpu_cores()} threads|torch {torch.__version__}|{device.type}|{m.name}|{m.norm}|"
             f"{json.dumps(getattr(m, 'strides', None))}|batch {cfg.data.batch_size}")
 
 
@@ -112,6 +112,7 @@ def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: i
     if device.type == "cuda":
         name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return name, f"precision auto -> {name} (CUDA{'' if name == 'bf16' else ' without bf16 support'})"
+    own_torch_threads()  # importing FFCV left torch on one thread: time what training will use
     key = cache_key(cfg, device)
     rates = _read_cache().get(key)
     source = "cached measurement"
@@ -122,3 +123,80 @@ def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: i
     name = "bf16" if rates["bf16"] > rates["fp32"] else "fp32"
     return name, (f"precision auto -> {name}: fp32 {rates['fp32']:,.1f} vs bf16 {rates['bf16']:,.1f} images/s "
                   f"({cfg.model.name}, batch {cfg.data.batch_size}, channels_last; {source} on {cpu_model()})")
+
+
+# ---------------------------------------------------------------- train.budget
+
+BUDGET_WARMUP, BUDGET_STEPS, BUDGET_EVAL_BATCHES = 2, 6, 4
+
+
+def epoch_seconds(s, steps: int = BUDGET_STEPS, eval_batches: int = BUDGET_EVAL_BATCHES) -> tuple[float, float]:
+    """(train, evaluation) seconds of one epoch of Setup `s`, timed over a few real batches.
+
+    Steps train a copy of the model with a fresh optimizer (the run's model, RNG and loader epoch are
+    left as they were); the first BUDGET_WARMUP steps are not timed (compilation, caches)."""
+    from fastloader.loaders import cycle
+
+    from . import checkpoint
+    from .optim import build_optimizer
+
+    model = copy.deepcopy(s.model)
+    step = Step.create(model, build_optimizer(model, s.cfg.optimizer), s.precision, s.device, s.cfg.train)
+    rng, epoch = checkpoint.rng_state(), getattr(s.train_loader, "epoch", None)
+    batches = cycle(s.train_loader)
+    try:
+        model.train()
+        for i in range(BUDGET_WARMUP + steps):
+            if i == BUDGET_WARMUP:
+                _sync(s.device)
+                begin = time.perf_counter()
+            images, labels = next(batches)
+            loss, _ = train_step(step, images, labels)
+        loss.item()
+        per_step = (time.perf_counter() - begin) / steps
+    finally:
+        batches.close()
+        checkpoint.set_rng_state(rng)
+        if epoch is not None:
+            s.train_loader.set_epoch(epoch)
+    model.eval()
+    timed, begin = 0, time.perf_counter()
+    with torch.no_grad():
+        for images, _ in s.test_loader:  # a whole test epoch would be the cost itself: a few batches
+            with s.precision.autocast(s.device):
+                model(images).float().sum().item()
+            timed += 1
+            if timed == 1:  # the first one warms up
+                begin = time.perf_counter()
+            elif timed == eval_batches + 1:
+                break
+    per_eval_batch = (time.perf_counter() - begin) / max(timed - 1, 1)
+    return per_step * len(s.train_loader), per_eval_batch * len(s.test_loader)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def budget_epochs(budget_s: float, spent_s: float, train_s: float, eval_s: float, max_epochs: int) -> int:
+    """Epochs whose training and evaluation fit in what is left of the budget (at least 1, at most max_epochs)."""
+    return int(max(1, min(max_epochs, (budget_s - spent_s) // (train_s + eval_s))))
+
+
+def resolve_budget(s, started: float) -> tuple[object, str | None]:
+    """`train.budget` -> a number of epochs: (config with epochs set and budget null, the line for train.log).
+
+    `started`: time.perf_counter() when the run began (what start-up already spent counts)."""
+    from dataclasses import replace
+
+    cfg = s.cfg
+    budget = cfg.train.budget_seconds()
+    if budget is None:
+        return cfg, None
+    train_s, eval_s = epoch_seconds(s)
+    spent = time.perf_counter() - started
+    epochs = budget_epochs(budget, spent, train_s, eval_s, cfg.train.epochs)
+    line = (f"train.budget {cfg.train.budget}: {epochs} epochs (at most {cfg.train.epochs}); one epoch measured at "
+            f"{train_s:.1f} s training + {eval_s:.1f} s evaluation, {spent:.1f} s spent before training")
+    return replace(cfg, train=replace(cfg.train, epochs=epochs, budget=None)), line

@@ -64,6 +64,10 @@ def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
     for section, key, value in RESOLVED_AT_START:
         if wanted[section][key] == value:
             wanted[section][key] = saved.get(section, {}).get(key)
+    if wanted["train"]["budget"] is not None:  # a budget became a number of epochs (at most the config's)
+        epochs = saved.get("train", {}).get("epochs")
+        if isinstance(epochs, int) and epochs <= wanted["train"]["epochs"]:
+            wanted["train"].update(budget=None, epochs=epochs)
     return saved == wanted
 
 
