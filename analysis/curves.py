@@ -45,14 +45,14 @@ def replay_lr(cfg: ExperimentConfig, metrics: list[dict], steps: int) -> tuple[n
                     lrs.append(schedule.lr)
                     optimizer.step()
                     schedule.after_batch()
-                schedule.after_epoch(float(m["test_loss"]))
+                schedule.after_epoch({k: float(v) for k, v in m.items() if k.endswith(("_loss", "_acc"))})
     except Exception:  # a config this replay cannot rebuild: the recorded points are enough
         return None
     return np.asarray(xs), np.asarray(lrs)
 
 
 def plot_curves(metrics: list[dict], path: str | Path, lr_trace=None, title: str = "") -> Path:
-    """Three panels: loss, accuracy (train and test per epoch), LR (per batch where replayed)."""
+    """Three panels: loss, accuracy (train, test and val where split, per epoch), LR (per batch where replayed)."""
     plt = plots.plt
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.6))
     if not metrics:
@@ -65,6 +65,9 @@ def plot_curves(metrics: list[dict], path: str | Path, lr_trace=None, title: str
         ax_loss.plot(epochs, [m["test_loss"] for m in metrics], label="test", **style)
         ax_acc.plot(epochs, [m["train_acc"] for m in metrics], label="train", **style)
         ax_acc.plot(epochs, [m["test_acc"] for m in metrics], label="test", **style)
+        if all("val_acc" in m for m in metrics):  # a validation split
+            ax_loss.plot(epochs, [m["val_loss"] for m in metrics], label="val", **style)
+            ax_acc.plot(epochs, [m["val_acc"] for m in metrics], label="val", **style)
         starts = [e - 1 for e in epochs]  # the recorded LR is the one the epoch started with
         if lr_trace is not None:
             ax_lr.plot(lr_trace[0], lr_trace[1], label="per batch", linewidth=1.5)

@@ -251,12 +251,15 @@ def _report_md(a: Analysis, metrics: list[dict], checkpoint: str, pick: str, see
     lines += ["## Final metrics", ""]
     if metrics:
         last = metrics[-1]
-        best = max(metrics, key=lambda m: m["test_acc"])
-        lines += ["| | epoch | train loss | train acc | test loss | test acc |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for label, m in (("last", last), ("best", best)):
+        chosen = f"{getattr(cfg.train, 'select_best_on', 'test')}_acc"
+        best = max(metrics, key=lambda m: m.get(chosen, m["test_acc"]))
+        val = "val_acc" in last
+        lines += ["| | epoch | train loss | train acc | test loss | test acc |" + (" val loss | val acc |" if val else ""),
+                  "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if val else "")]
+        for label, m in (("last", last), (f"best ({chosen.replace('_acc', '')} accuracy)", best)):
             lines.append(f"| {label} | {m['epoch']} | {m['train_loss']:.4f} | {m['train_acc']:.2f}% | "
-                         f"{m['test_loss']:.4f} | {m['test_acc']:.2f}% |")
+                         f"{m['test_loss']:.4f} | {m['test_acc']:.2f}% |" +
+                         (f" {m['val_loss']:.4f} | {m['val_acc']:.2f}% |" if val else ""))
         lines.append("")
     correct = int((p.predicted == p.labels).sum())
     lines += [f"This analysis ({checkpoint} checkpoint): test accuracy **{p.accuracy:.2f}%** "

@@ -127,6 +127,7 @@ class DataConfig:
     augment_where: Literal["loader", "device"] = "loader"
     seed: int = 0
     subset: Optional[int] = None  # first N training images
+    val_split: Optional[int] = None  # hold out N of those training images (drawn from `seed`) as a validation split
     test_subset: Optional[int] = None  # first N test images
     drop_last: bool = True
     batches_ahead: int = 3
@@ -136,7 +137,7 @@ class DataConfig:
         for name in ("batch_size", "batches_ahead"):
             if getattr(self, name) < 1:
                 raise UserError(f"data.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("test_batch_size", "workers", "subset", "test_subset"):
+        for name in ("test_batch_size", "workers", "subset", "test_subset", "val_split"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"data.{name} must be at least 1 (or null), got {v}")

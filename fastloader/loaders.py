@@ -166,21 +166,44 @@ def _subset(n: int, limit: int | None):
     return None if limit is None else np.arange(min(limit, n))
 
 
+VAL_STREAM = 0x56414C  # "VAL": keeps the held-out draw apart from the order's default_rng(seed + epoch)
+
+
+def train_val_indices(n_total: int, cfg: DataConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(training, validation) dataset indices of train.beton: `data.val_split` images of the training
+    images (the first `data.subset`, or all) are held out, drawn from `data.seed` alone, so the split is
+    the same on every rank, on resume and between runs of one seed. (None, None) without a split."""
+    if not cfg.val_split:
+        return _subset(n_total, cfg.subset), None
+    pool = np.arange(min(cfg.subset or n_total, n_total))
+    if cfg.val_split >= len(pool):
+        raise UserError(f"data.val_split {cfg.val_split} leaves no training images (of {len(pool)})")
+    drawn = np.random.default_rng([cfg.seed, VAL_STREAM]).permutation(pool)
+    return np.sort(drawn[cfg.val_split:]), np.sort(drawn[:cfg.val_split])
+
+
 def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, manifest: dict | None = None, shard: bool = True) -> CifarLoader:
-    """The loader of one split; train augments (cfg.augment), test only normalises.
+    """The loader of one split: "train" augments (cfg.augment), "test" and "val" (the images
+    `data.val_split` holds out of train.beton) only normalise.
 
     Under torchrun each rank reads its shard; `shard=False` reads the whole split on this rank.
     """
     device = torch.device(device)
     folder = Path(cfg.folder())
     manifest = manifest or read_manifest(folder)
-    path = check_beton(folder, manifest, split)
+    source = "train" if split == "val" else split
+    path = check_beton(folder, manifest, source)
     mean, std = manifest["mean"], manifest["std"]
     train = split == "train"
     augs = cfg.augmentations() if train else []
-    n_total = int(manifest["splits"][split]["count"])
-    indices = _subset(n_total, cfg.subset if train else cfg.test_subset)
+    n_total = int(manifest["splits"][source]["count"])
+    if split == "test":
+        indices = _subset(n_total, cfg.test_subset)
+    else:
+        indices = train_val_indices(n_total, cfg)[0 if train else 1]
+        if split == "val" and indices is None:
+            raise UserError("there is no validation split: set data.val_split")
     n = n_total if indices is None else len(indices)
 
     cell = EpochCell()
@@ -216,7 +239,8 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
 
 def build_loaders(cfg: DataConfig, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> tuple[CifarLoader, CifarLoader]:
-    """Train and test loaders for `cfg`, yielding `(images, labels)` on `device`."""
+    """Train and test loaders for `cfg`, yielding `(images, labels)` on `device` (the validation
+    split, if any: `build_loader(cfg, "val", ...)`)."""
     manifest = read_manifest(Path(cfg.folder()))
     return (build_loader(cfg, "train", device, dtype, manifest),
             build_loader(cfg, "test", device, dtype, manifest))

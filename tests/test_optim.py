@@ -24,7 +24,7 @@ def _run(schedule, optimizer, epochs=EPOCHS, steps=STEPS, first_epoch=0) -> list
             lrs.append(schedule.lr)
             optimizer.step()
             schedule.after_batch()
-        schedule.after_epoch(LOSSES[min(epoch, len(LOSSES) - 1)])
+        schedule.after_epoch({"test_loss": LOSSES[min(epoch, len(LOSSES) - 1)]})
     return lrs
 
 
@@ -119,7 +119,7 @@ def test_plateau_cuts_after_patience_flat_epochs():
                               10, STEPS, LR)
     after = []
     for _ in range(patience + 3):
-        schedule.after_epoch(1.0)  # the first sets the best; the next `patience` are tolerated
+        schedule.after_epoch({"test_loss": 1.0})  # the first sets the best; the next `patience` are tolerated
         after.append(schedule.lr)
     assert after[:patience + 1] == [LR] * (patience + 1)
     assert after[patience + 1] == pytest.approx(LR * 0.1)

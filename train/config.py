@@ -24,6 +24,7 @@ class ModelConfig:
     pretrained: bool = False  # timm only; needs the weights in the local cache
     adapt_stem: bool = False  # timm only: 3x3 stride-1 stem, no max-pool, for 32x32 inputs
     sync_bn: bool = False  # distributed: BatchNorm -> SyncBatchNorm
+    strides: Optional[list] = None  # resnet18/34: stride of each of the 4 layers (default [1, 2, 2, 2])
 
 
 @dataclass
@@ -51,6 +52,9 @@ class SchedulerConfig:
     name: Literal["onecycle", "step", "plateau", "cosine", "none"] = "onecycle"
     # onecycle (stepped per batch)
     max_lr: Union[float, Literal["find"], None] = None  # default: optimizer.lr; "find": LR range test first
+    # the first (and, with final_div_factor 1, the last) LR; sets div_factor = max_lr / start_lr.
+    # "find": from the same range test as max_lr (the LR where the loss starts its longest descent)
+    start_lr: Union[float, Literal["find"], None] = None
     peak_epoch: Optional[float] = None  # epoch of the peak; overrides pct_start
     pct_start: float = 0.3
     div_factor: float = 25.0
@@ -61,7 +65,9 @@ class SchedulerConfig:
     # step (per epoch)
     step_size: int = 10
     gamma: float = 0.1
-    # plateau (per epoch, on the test loss)
+    # plateau (per epoch, on `monitor`; mode defaults from it: max for accuracies, min for losses)
+    monitor: Literal["test_loss", "test_acc", "val_loss", "val_acc"] = "test_loss"
+    mode: Optional[Literal["min", "max"]] = None
     factor: float = 0.1
     patience: int = 3
     min_lr: float = 0.0
@@ -80,6 +86,10 @@ class SchedulerConfig:
             raise UserError(f"scheduler.factor must be in (0, 1), got {self.factor}")
         if isinstance(self.max_lr, float) and self.max_lr <= 0:
             raise UserError(f"scheduler.max_lr must be positive or 'find', got {self.max_lr}")
+        if isinstance(self.start_lr, float) and self.start_lr <= 0:
+            raise UserError(f"scheduler.start_lr must be positive or 'find', got {self.start_lr}")
+        if self.mode is None:
+            self.mode = "max" if self.monitor.endswith("_acc") else "min"
 
 
 @dataclass
@@ -90,6 +100,7 @@ class TrainConfig:
     channels_last: bool = True
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm
+    grad_clip_value: Optional[float] = None  # max absolute gradient element (torch's clip_grad_value_), before grad_clip
     compile: bool = False  # torch.compile the model
     seed: int = 0
     dist_timeout: float = 600.0  # torchrun: seconds a collective waits for a silent rank before the job ends
@@ -98,6 +109,7 @@ class TrainConfig:
     # epochs as fit (at most `epochs`); config.yaml then holds that number and budget null, so resume and reruns
     # need no timing
     budget: Union[str, float, None] = None
+    select_best_on: Literal["test", "val"] = "test"  # the split whose accuracy picks checkpoint_best.pt
 
     def budget_seconds(self) -> Optional[float]:
         return None if self.budget is None else parse_duration(self.budget, "train.budget")
@@ -113,8 +125,9 @@ class TrainConfig:
             raise UserError(f"train.epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise UserError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        for name in ("grad_clip", "grad_clip_value"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -146,6 +159,16 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        """Checks across sections."""
+        split = self.data.val_split
+        if self.scheduler.monitor.startswith("val_") and not split:
+            raise UserError(f"scheduler.monitor {self.scheduler.monitor} needs a validation split: set data.val_split")
+        if self.train.select_best_on == "val" and not split:
+            raise UserError("train.select_best_on val needs a validation split: set data.val_split")
+        if self.scheduler.start_lr is not None and self.scheduler.name != "onecycle":
+            raise UserError(f"scheduler.start_lr applies to onecycle, not {self.scheduler.name}")
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -29,7 +29,7 @@ from . import distributed
 from .config import ExperimentConfig
 from .hardware import resolve_device
 from .lr_find import resolve_max_lr
-from .metrics import Pass, Progress, metrics_line, timing_line
+from .metrics import Pass, Progress, metrics_line, monitored, timing_line
 from .record import Recorder
 from .run import RunDir
 from .setup import Setup, build
@@ -98,11 +98,14 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
                 raise Diverged(f"loss became {train.loss} in epoch {epoch + 1}; stopping "
                                f"(the last good checkpoint, if any, is kept)")
             test = evaluate(s, t.eval_model)
-            t.schedule.after_epoch(test.loss)
-            t.history.append(metrics_line(epoch + 1, progress.lr, train, test))
-            t.timing.append(timing_line(epoch + 1, train, test, s.world.size))
-            improved = test.acc > t.best_acc
-            t.best_acc = max(t.best_acc, test.acc)
+            val = evaluate(s, t.eval_model, s.val_loader) if s.val_loader is not None else None
+            watched = monitored(test, val)
+            t.schedule.after_epoch(watched)
+            t.history.append(metrics_line(epoch + 1, progress.lr, train, test, val))
+            t.timing.append(timing_line(epoch + 1, train, test, s.world.size, val))
+            chosen = watched[f"{s.cfg.train.select_best_on}_acc"]  # train.select_best_on: the best checkpoint's split
+            improved = chosen > t.best_acc
+            t.best_acc = max(t.best_acc, chosen)
             rec.epoch_end(t, improved)
             if epoch + 1 < last_epoch and distributed.any_rank(stop.requested, device):
                 raise rec.interrupted(t, epoch + 1, None)

@@ -118,7 +118,7 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
     return {"start": start, "end": end, "iters": iters, "smooth": smooth, "diverge": diverge,
             "steps": len(lrs), "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
             "lr": lrs, "loss": losses, "smoothed": smoothed, "suggestions": suggestions(lrs, smoothed),
-            "max_lr_suggestion": MAX_LR_SUGGESTION}
+            "max_lr_suggestion": MAX_LR_SUGGESTION, "descent_start": descent_start(lrs, smoothed)}
 
 
 def _bar(total: int, enabled: bool):
@@ -138,6 +138,13 @@ def _longest_descent(values: list[float]) -> tuple[int, int]:
                 best = (first, i - 1)
             first = i
     return best
+
+
+def descent_start(lrs: list[float], smoothed: list[float]) -> float:
+    """The LR where the longest descent of the smoothed loss begins: the lowest LR at which training
+    clearly improves (`scheduler.start_lr: find`, the "LRMIN" of a one-cycle run)."""
+    first, _ = _longest_descent(list(smoothed))
+    return float(lrs[first])
 
 
 def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
@@ -238,18 +245,26 @@ def describe(result: dict) -> list[str]:
 def resolve_max_lr(cfg: ExperimentConfig, setup, log: Callable[[str], None] = print,
                    out: Optional[Path] = None, *, start: float = 1e-7, end: float = 10.0,
                    iters: int = 100) -> ExperimentConfig:
-    """`scheduler.max_lr: find` -> a number: for a OneCycle config asking for it, run the range test
-    (by default 1e-7 to 10 over 100 batches) on `setup`'s model and train loader, restoring them,
-    and return a copy of `cfg` whose max_lr is the `valley` suggestion. Any other config is returned
+    """`scheduler.max_lr: find` and `scheduler.start_lr: find` -> numbers: for a OneCycle config asking
+    for either, run one range test (by default 1e-7 to 10 over 100 batches) on `setup`'s model and
+    train loader, restoring them, and return a copy of `cfg` with max_lr the `valley` suggestion and
+    start_lr the start of the longest descent (each only where asked). Any other config is returned
     as it is (the same object). With `out`, lr_find.json/png are written there too.
     """
-    if cfg.scheduler.name != "onecycle" or cfg.scheduler.max_lr != "find":
+    sched = cfg.scheduler
+    if sched.name != "onecycle" or "find" not in (sched.max_lr, sched.start_lr):
         return cfg
     result = lr_find(cfg, start=start, end=end, iters=iters, setup=setup)
-    value = float(result["suggestions"][MAX_LR_SUGGESTION])
-    others = ", ".join(f"{k} {v:.3e}" for k, v in result["suggestions"].items() if k != MAX_LR_SUGGESTION)
-    log(f"lr-find: scheduler.max_lr = {value:.3e} ({MAX_LR_SUGGESTION} of a {result['steps']}-step range test; "
-        f"{others})")
+    found = {}
+    if sched.max_lr == "find":
+        found["max_lr"] = float(result["suggestions"][MAX_LR_SUGGESTION])
+        others = ", ".join(f"{k} {v:.3e}" for k, v in result["suggestions"].items() if k != MAX_LR_SUGGESTION)
+        log(f"lr-find: scheduler.max_lr = {found['max_lr']:.3e} ({MAX_LR_SUGGESTION} of a {result['steps']}-step "
+            f"range test; {others})")
+    if sched.start_lr == "find":
+        found["start_lr"] = float(result["descent_start"])
+        log(f"lr-find: scheduler.start_lr = {found['start_lr']:.3e} (where the longest descent of the smoothed "
+            f"loss starts, in the same {result['steps']}-step range test)")
     if out is not None:
         write(result, out, f"{cfg.name}: LR range test")
-    return dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, max_lr=value))
+    return dataclasses.replace(cfg, scheduler=dataclasses.replace(sched, **found))

@@ -76,16 +76,29 @@ class Progress:
         return Pass(loss_sum / max(count, 1), correct, count, self.seconds)
 
 
-def metrics_line(epoch: int, lr: float, train: Pass, test: Pass) -> dict:
-    """What the epoch learned: a pure function of config and seed, so reruns give identical lines."""
-    return {"epoch": epoch, "lr": lr, "train_loss": round(train.loss, 6), "train_acc": round(train.acc, 4),
+def monitored(test: Pass, val: Pass | None) -> dict:
+    """The values a plateau schedule or the best-checkpoint choice may watch (unrounded)."""
+    found = {"test_loss": test.loss, "test_acc": test.acc}
+    if val is not None:
+        found.update(val_loss=val.loss, val_acc=val.acc)
+    return found
+
+
+def metrics_line(epoch: int, lr: float, train: Pass, test: Pass, val: Pass | None = None) -> dict:
+    """What the epoch learned: a pure function of config and seed, so reruns give identical lines.
+    With a validation split, val_* columns follow the test ones."""
+    line = {"epoch": epoch, "lr": lr, "train_loss": round(train.loss, 6), "train_acc": round(train.acc, 4),
             "test_loss": round(test.loss, 6), "test_acc": round(test.acc, 4), "test_correct": test.correct,
             "test_count": test.count}
+    if val is not None:
+        line.update(val_loss=round(val.loss, 6), val_acc=round(val.acc, 4), val_correct=val.correct,
+                    val_count=val.count)
+    return line
 
 
-def timing_line(epoch: int, train: Pass, test: Pass, world: int) -> dict:
+def timing_line(epoch: int, train: Pass, test: Pass, world: int, val: Pass | None = None) -> dict:
     """How long it took (timing.jsonl): kept apart from metrics.jsonl, which must not vary between reruns."""
-    return {"epoch": epoch, "seconds": round(train.seconds + test.seconds, 3),
+    return {"epoch": epoch, "seconds": round(train.seconds + test.seconds + (val.seconds if val else 0.0), 3),
             "images_per_s": round(train.count / max(train.seconds, 1e-9), 1), "processes": world}
 
 
@@ -93,15 +106,22 @@ def summary_line(m: dict, t: dict, epochs: int) -> str:
     """One line per epoch, as the seeds' logs have it."""
     return (f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%  |  "
             f"Test set: Average loss: {m['test_loss']:.4f}, Accuracy: {m['test_correct']}/{m['test_count']} "
-            f"({m['test_acc']:.2f}%)  |  lr {m['lr']:.3e}  |  {t['seconds']:.1f} s ({t['images_per_s']:,.0f} img/s)")
+            f"({m['test_acc']:.2f}%)  |  " + (f"Val: loss {m['val_loss']:.4f}, acc {m['val_acc']:.2f}%  |  "
+                                               if "val_acc" in m else "") +
+            f"lr {m['lr']:.3e}  |  {t['seconds']:.1f} s ({t['images_per_s']:,.0f} img/s)")
 
 
 def run_summary(cfg, params: int, history: list[dict], timing: list[dict]) -> dict:
-    """What a results table needs of a run, without loading its checkpoint."""
-    best = max(history, key=lambda m: m["test_acc"])
+    """What a results table needs of a run, without loading its checkpoint. The best epoch is the one
+    `train.select_best_on` picks (the epoch of checkpoint_best.pt)."""
+    key = f"{cfg.train.select_best_on}_acc"
+    best = max(history, key=lambda m: m[key])  # the first of equals, as the checkpoint keeps it
     last = history[-1]
-    return {"name": cfg.name, "model": cfg.model.name, "norm": cfg.model.norm, "scheduler": cfg.scheduler.name,
-            "optimizer": cfg.optimizer.name, "params": params, "epochs": cfg.train.epochs,
-            "epochs_done": last["epoch"], "complete": last["epoch"] >= cfg.train.epochs,
-            "train_acc": last["train_acc"], "test_acc": last["test_acc"], "best_test_acc": best["test_acc"],
-            "best_epoch": best["epoch"], "seconds": round(sum(t["seconds"] for t in timing), 1)}
+    summary = {"name": cfg.name, "model": cfg.model.name, "norm": cfg.model.norm, "scheduler": cfg.scheduler.name,
+               "optimizer": cfg.optimizer.name, "params": params, "epochs": cfg.train.epochs,
+               "epochs_done": last["epoch"], "complete": last["epoch"] >= cfg.train.epochs,
+               "train_acc": last["train_acc"], "test_acc": last["test_acc"], "best_test_acc": best["test_acc"],
+               "best_epoch": best["epoch"], "seconds": round(sum(t["seconds"] for t in timing), 1)}
+    if "val_acc" in last:
+        summary.update(val_acc=last["val_acc"], best_val_acc=best["val_acc"])
+    return summary

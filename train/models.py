@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 from typing import Callable, Union
 
 import torch
@@ -71,17 +72,22 @@ class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs: 3x3 stride-1 stem, no max-pool, four stages of BasicBlocks."""
 
     WIDTHS = (64, 128, 256, 512)
-    STRIDES = (1, 2, 2, 2)
+    STRIDES = (1, 2, 2, 2)  # torchvision's and kuangliu's layout; seed A's code ran (1, 1, 2, 2)
 
-    def __init__(self, depths: tuple[int, ...], num_classes: int, norm: Callable[[int], nn.Module]):
+    def __init__(self, depths: tuple[int, ...], num_classes: int, norm: Callable[[int], nn.Module],
+                 strides: tuple[int, ...] | None = None):
         super().__init__()
+        strides = tuple(strides or self.STRIDES)
+        if len(strides) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v in (1, 2)
+                                        for v in strides):
+            raise UserError(f"model.strides must be four strides of 1 or 2 (one per layer), got {list(strides)}")
         self.stem = nn.Sequential(_conv3x3(3, 64), norm(64), nn.ReLU(inplace=True))
         cin = 64
-        for i, (width, stride, depth) in enumerate(zip(self.WIDTHS, self.STRIDES, depths), start=1):
+        for i, (width, stride, depth) in enumerate(zip(self.WIDTHS, strides, depths), start=1):
             blocks = [BasicBlock(cin if j == 0 else width, width, stride if j == 0 else 1, norm) for j in range(depth)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             cin = width
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # whatever map remains (8x8 with strides 1, 1, 2, 2; 4x4 with 1, 2, 2, 2)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +96,12 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def resnet18(num_classes: int = 10, norm: str = "batch") -> nn.Module:
-    return CifarResNet((2, 2, 2, 2), num_classes, _norm_factory(norm))
+def resnet18(num_classes: int = 10, norm: str = "batch", strides=None) -> nn.Module:
+    return CifarResNet((2, 2, 2, 2), num_classes, _norm_factory(norm), strides)
 
 
-def resnet34(num_classes: int = 10, norm: str = "batch") -> nn.Module:
-    return CifarResNet((3, 4, 6, 3), num_classes, _norm_factory(norm))
+def resnet34(num_classes: int = 10, norm: str = "batch", strides=None) -> nn.Module:
+    return CifarResNet((3, 4, 6, 3), num_classes, _norm_factory(norm), strides)
 
 
 # ---------------------------------------------------------------- the custom ResNet
@@ -204,7 +210,11 @@ def create_model(cfg: Union[ModelConfig, str], num_classes: int = 10, **fields) 
     for flag in ("pretrained", "adapt_stem"):
         if getattr(cfg, flag):
             raise UserError(f"model.{flag} applies to timm models only, not {cfg.name}")
-    return MODELS[cfg.name](classes, cfg.norm)
+    options = {"strides": cfg.strides} if cfg.strides is not None else {}
+    if options and "strides" not in inspect.signature(MODELS[cfg.name]).parameters:
+        takes = ", ".join(n for n, fn in MODELS.items() if "strides" in inspect.signature(fn).parameters)
+        raise UserError(f"model.strides applies to {takes}, not {cfg.name}")
+    return MODELS[cfg.name](num_classes=classes, norm=cfg.norm, **options)
 
 
 # ---------------------------------------------------------------- timm

@@ -1,7 +1,7 @@
 """Optimizer and LR-schedule registries: torch's own classes, configured from the dataclasses.
 
 A `Schedule` hides when each torch scheduler steps: the loop calls `after_batch()` after every
-optimizer step and `after_epoch(test_loss)` at each epoch end, whatever the scheduler.
+optimizer step and `after_epoch(metrics)` at each epoch end, whatever the scheduler.
 """
 from __future__ import annotations
 
@@ -79,23 +79,26 @@ class Schedule:
     """A torch LR scheduler (None: constant LR) and when to step it.
 
     `per_batch` schedulers step in `after_batch`, the others in `after_epoch`;
-    ReduceLROnPlateau is given the epoch's test loss.
+    ReduceLROnPlateau is given the epoch's `monitor` metric (test_loss, test_acc, val_loss or val_acc).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Optional[object], per_batch: bool):
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Optional[object], per_batch: bool,
+                 monitor: str = "test_loss"):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.per_batch = per_batch
+        self.monitor = monitor
 
     def after_batch(self) -> None:
         if self.scheduler is not None and self.per_batch:
             self.scheduler.step()
 
-    def after_epoch(self, test_loss: float) -> None:
+    def after_epoch(self, metrics: dict) -> None:
+        """`metrics`: the epoch's metrics line (test_loss, test_acc, and val_loss, val_acc with a split)."""
         if self.scheduler is None or self.per_batch:
             return
         if isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(test_loss)
+            self.scheduler.step(metrics[self.monitor])
         else:
             self.scheduler.step()
 
@@ -131,8 +134,11 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     max_lr defaults to `base_lr` (the optimizer's LR); "find" must be resolved by the caller.
     """
     max_lr = cfg.max_lr if cfg.max_lr is not None else base_lr
-    if max_lr == "find":
-        raise ValueError("scheduler.max_lr 'find' must be resolved to a number before building the schedule")
+    if max_lr == "find" or cfg.start_lr == "find":
+        raise ValueError("scheduler max_lr/start_lr 'find' must be resolved to numbers before building the schedule")
+    div_factor = cfg.div_factor if cfg.start_lr is None else float(max_lr) / cfg.start_lr
+    if div_factor < 1:
+        raise UserError(f"scheduler.start_lr ({cfg.start_lr:.3g}) must not exceed max_lr ({float(max_lr):.3g})")
     if cfg.peak_epoch is not None and cfg.peak_epoch >= epochs:
         raise UserError(f"scheduler.peak_epoch ({cfg.peak_epoch:g}) must be less than train.epochs ({epochs}); "
                         f"for a short run add --set scheduler.peak_epoch={max(epochs / 4, 0.25):g}")
@@ -148,7 +154,7 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     pct_start = min(max(pct_start, 2 / total), 1 - 2 / total)
     scheduler = lr_scheduler.OneCycleLR(
         optimizer, max_lr=float(max_lr), total_steps=total, pct_start=pct_start,
-        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, three_phase=cfg.three_phase,
+        div_factor=div_factor, final_div_factor=cfg.final_div_factor, three_phase=cfg.three_phase,
         anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum)
     return Schedule(optimizer, scheduler, per_batch=True)
 
@@ -160,10 +166,10 @@ def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, ba
 
 
 def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
-    """LR times factor once the test loss has not improved for more than `patience` epochs."""
-    scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor, patience=cfg.patience,
+    """LR times factor once `monitor` has not improved (by `threshold`, relative) for more than `patience` epochs."""
+    scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode=cfg.mode, factor=cfg.factor, patience=cfg.patience,
                                                threshold=cfg.threshold, min_lr=cfg.min_lr)
-    return Schedule(optimizer, scheduler, per_batch=False)
+    return Schedule(optimizer, scheduler, per_batch=False, monitor=cfg.monitor)
 
 
 def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:

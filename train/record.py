@@ -63,8 +63,9 @@ class Recorder:
             checkpoint.save(self.run.last, state)
             self._records(t)
             self.run.log(summary_line(metrics, times, self.s.cfg.train.epochs))
-            for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
-                self.board.add_scalar(key, metrics[key], metrics["epoch"])
+            for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc"):
+                if key in metrics:
+                    self.board.add_scalar(key, metrics[key], metrics["epoch"])
             self.board.add_scalar("images_per_s", times["images_per_s"], metrics["epoch"])
             self.board.flush()
 

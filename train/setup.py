@@ -11,7 +11,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 
 from beton.manifest import read_manifest
-from fastloader.loaders import build_loaders
+from fastloader.loaders import build_loader, build_loaders
 
 from . import distributed
 from .config import ExperimentConfig
@@ -49,6 +49,7 @@ class Setup:
     classes: list
     world: distributed.World = field(default_factory=distributed.World)
     notes: list = field(default_factory=list)  # what was resolved at build time, for the run's log
+    val_loader: BatchLoader | None = None  # the images data.val_split holds out of the training split
 
 
 def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
@@ -72,4 +73,6 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
         notes.append(note)
     precision = resolve_precision(cfg.train.precision, device)
     train_loader, test_loader = build_loaders(cfg.data, device, precision.batch_dtype)
-    return Setup(cfg, device, precision, model, train_loader, test_loader, classes, distributed.current(), notes)
+    val_loader = build_loader(cfg.data, "val", device, precision.batch_dtype) if cfg.data.val_split else None
+    return Setup(cfg, device, precision, model, train_loader, test_loader, classes, distributed.current(), notes,
+                 val_loader)

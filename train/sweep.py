@@ -38,7 +38,10 @@ def collect(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _row(summary: dict, config: Path, results_dir: Path, run: RunDir) -> str:
+VAL_COLUMN = "Val Accuracy"  # after Test Accuracy, when a run of the sweep has a validation split
+
+
+def _row(summary: dict, config: Path, results_dir: Path, run: RunDir) -> dict:
     cells = [summary["model"], summary["norm"], summary["scheduler"], f"{summary['params']:,}",
              f"{summary['train_acc']:.2f}%", f"{summary['test_acc']:.2f}%",
              f"{summary['best_epoch']} ({summary['best_test_acc']:.2f}%)", f"{summary['seconds']:.0f} s",
@@ -46,20 +49,25 @@ def _row(summary: dict, config: Path, results_dir: Path, run: RunDir) -> str:
     report = run.path / "report.md"
     if report.is_file():
         cells[-1] += f" · [report]({os.path.relpath(report, results_dir)})"
-    return "| " + " | ".join(cells) + " |"
+    val = f"{summary['val_acc']:.2f}%" if "val_acc" in summary else "-"
+    return dict(zip(COLUMNS, cells), **{VAL_COLUMN: val})
 
 
-def write_results(rows: list[str], results: Path) -> None:
-    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    atomic_write_text(results, "# Results\n\n" + header + "".join(r + "\n" for r in rows))
+def write_results(rows: list[dict], results: Path) -> None:
+    columns = list(COLUMNS)
+    if any(r[VAL_COLUMN] != "-" for r in rows):
+        columns.insert(columns.index("Test Accuracy") + 1, VAL_COLUMN)
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    lines = ["| " + " | ".join(r[c] for c in columns) + " |\n" for r in rows]
+    atomic_write_text(results, "# Results\n\n" + header + "".join(lines))
 
 
 # (section, key, value) settings that a run resolves when it starts and saves resolved in its config.yaml
-RESOLVED_AT_START = (("scheduler", "max_lr", "find"), ("train", "precision", "auto"))
+RESOLVED_AT_START = (("scheduler", "max_lr", "find"), ("scheduler", "start_lr", "find"), ("train", "precision", "auto"))
 
 
 def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
-    """Equal configs, where a saved run may hold what `max_lr: find` and `precision: auto` resolved to."""
+    """Equal configs, where a saved run may hold what `find`, `auto` and `budget` resolved to."""
     wanted = cfg.to_dict()
     for section, key, value in RESOLVED_AT_START:
         if wanted[section][key] == value:
@@ -103,7 +111,7 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_r
     if dupes:
         raise UserError(f"configs share a name ({', '.join(dupes)}); each run needs its own folder")
     results = out / RESULTS
-    rows: list[str] = []
+    rows: list[dict] = []
     for file, cfg in configs:
         run = RunDir(out / cfg.name)
         _run_one(cfg, run, log, after_run)
