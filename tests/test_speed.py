@@ -80,3 +80,23 @@ def test_budget_errors_are_one_line(learnable_betons):
     for bad in ("10x", "0s", "-5m"):
         with pytest.raises(UserError, match="train.budget"):
             build_config(tiny(learnable_betons, train__budget=bad))
+
+
+def test_bench_train_json_reports_both_precisions_and_what_auto_picks(learnable_betons, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from fastcifar_cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__precision="fp32")))
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"])
+    assert done.value.code == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("fp32_nchw", "fp32_channels_last", "bf16_channels_last", "loop_real_loader", "loop_synthetic"):
+        assert r[key] > 0
+    assert r["auto"] == ("bf16" if r["bf16_channels_last"] > r["fp32_channels_last"] else "fp32")
+    assert r["precision"] == "fp32" and r["channels_last_autocast"] == r["fp32_channels_last"]
+    assert 0 < r["loop_efficiency"]
