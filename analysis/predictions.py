@@ -24,6 +24,7 @@ from beton.manifest import read_manifest
 from fastloader.loaders import build_loader
 from fastloader.threads import cpu_cores
 from train import checkpoint as ckpt
+from train.tta import eval_logits
 from train.config import ExperimentConfig, build_config
 from train.hardware import Precision, resolve_device, resolve_precision
 from train.models import create_model
@@ -123,7 +124,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     classes = list(manifest["classes"])
     model = create_model(cfg.model, num_classes=len(classes), pretrained=False)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema"]["average"] if state.get("ema") else state["model"])  # what evaluation ran
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not fit the run's model {cfg.model.name}: "
                         f"{str(e).strip().splitlines()[0]}") from e
@@ -167,8 +168,9 @@ def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, precision: Precision, device: torch.device,
-            fold_batchnorm: bool = True) -> Predictions:
-    """Logits of every sample `loader` yields (one pass), with labels and dataset indices.
+            fold_batchnorm: bool = True, eval_cfg=None) -> Predictions:
+    """Logits of every sample `loader` yields (one pass), with labels and dataset indices; with
+    `eval_cfg` (the run's `eval:` section) the logits are the test-time-augmented ones training reported.
 
     The loader gives torch one thread per core (FFCV would leave it at its worker count).
     """
@@ -176,7 +178,7 @@ def predict(model: torch.nn.Module, loader, precision: Precision, device: torch.
     logits, labels, indices = [], [], []
     for images, y, idx in loader.batches():
         with precision.autocast(device):
-            out = net(images)
+            out = eval_logits(net, images, eval_cfg)
         logits.append(out.float().cpu())  # a new tensor: not one of FFCV's buffers
         labels.append(y.to("cpu", copy=True))
         indices.append(idx.clone())

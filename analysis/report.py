@@ -91,7 +91,7 @@ def analyze(run_dir: str | Path, checkpoint: str = "best", n: int = 20, pick: st
 
     t = time.perf_counter()
     loader = test_loader(loaded.cfg, loaded.device, loaded.precision.batch_dtype)
-    preds = predict(loaded.model, loader, loaded.precision, loaded.device)
+    preds = predict(loaded.model, loader, loaded.precision, loaded.device, eval_cfg=loaded.cfg.eval)
     seconds["predictions"] = time.perf_counter() - t
     preds.save(files["predictions"])
 

@@ -35,6 +35,12 @@ class EMA:
         self.model, self.decay, self.every = model, float(decay), int(every)
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.updates = 0
+        self.steps = 0  # optimizer steps seen by `after_step`
+
+    def after_step(self) -> bool:
+        """Called after every optimizer step (the training step does): updates every `every` steps."""
+        self.steps += 1
+        return self.update(self.steps)
 
     @torch.no_grad()
     def update(self, step: int, decay: float | None = None) -> bool:
@@ -68,7 +74,7 @@ class EMA:
             self.model.load_state_dict(saved)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "every": self.every, "updates": self.updates,
+        return {"decay": self.decay, "every": self.every, "updates": self.updates, "steps": self.steps,
                 "average": {k: v.clone() for k, v in self.average.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -78,6 +84,7 @@ class EMA:
             for key, value in state["average"].items():
                 self.average[key].copy_(value)
         self.decay, self.every, self.updates = float(state["decay"]), int(state["every"]), int(state["updates"])
+        self.steps = int(state.get("steps", 0))
 
 
 class Lookahead(EMA):

@@ -25,11 +25,12 @@ class ModelConfig:
     adapt_stem: bool = False  # timm only: 3x3 stride-1 stem, no max-pool, for 32x32 inputs
     sync_bn: bool = False  # distributed: BatchNorm -> SyncBatchNorm
     strides: Optional[list] = None  # resnet18/34: stride of each of the 4 layers (default [1, 2, 2, 2])
+    options: dict = field(default_factory=dict)  # the model function's own keywords, by name (airnet: widths, ...)
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "roles"] = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
@@ -37,8 +38,13 @@ class OptimizerConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     no_decay_norm_bias: bool = False  # no weight decay on norm weights and biases
+    # name roles: one optimizer per parameter role (filters, norm_biases, whitening_bias, head, other), e.g.
+    # {filters: {name: muon, lr: 0.24}, head: {name: sgd, lr: 0.5, momentum: 0.85, nesterov: true}}
+    roles: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.name == "roles" and not self.roles:
+            raise UserError("optimizer.name roles needs optimizer.roles: {role: {name: muon | sgd, lr: ...}}")
         if self.lr <= 0:
             raise UserError(f"optimizer.lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.momentum < 0:
@@ -49,7 +55,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["onecycle", "step", "plateau", "cosine", "none"] = "onecycle"
+    name: Literal["onecycle", "step", "plateau", "cosine", "linear", "none"] = "onecycle"
     # onecycle (stepped per batch)
     max_lr: Union[float, Literal["find"], None] = None  # default: optimizer.lr; "find": LR range test first
     # the first (and, with final_div_factor 1, the last) LR; sets div_factor = max_lr / start_lr.
@@ -74,6 +80,9 @@ class SchedulerConfig:
     threshold: float = 1e-4
     # cosine (per batch over the whole run)
     eta_min: float = 0.0
+    # linear (per batch): from 0 up to each group's LR over warmup_epochs, then linearly down to end_factor x LR
+    warmup_epochs: float = 0.0
+    end_factor: float = 0.0
 
     def __post_init__(self):
         if not 0 < self.pct_start < 1:
@@ -90,6 +99,8 @@ class SchedulerConfig:
             raise UserError(f"scheduler.start_lr must be positive or 'find', got {self.start_lr}")
         if self.mode is None:
             self.mode = "max" if self.monitor.endswith("_acc") else "min"
+        if self.warmup_epochs < 0 or not 0 <= self.end_factor <= 1:
+            raise UserError("scheduler.warmup_epochs must be non-negative and scheduler.end_factor in [0, 1]")
 
 
 @dataclass
@@ -110,6 +121,9 @@ class TrainConfig:
     # need no timing
     budget: Union[str, float, None] = None
     select_best_on: Literal["test", "val"] = "test"  # the split whose accuracy picks checkpoint_best.pt
+    ema_decay: Optional[float] = None  # evaluate (and checkpoint_best) an exponential moving average of the weights
+    ema_every: int = 1  # optimizer steps between EMA updates
+    whitening_bias_epochs: Optional[int] = None  # airnet: stop training the whitening conv's bias after N epochs
 
     def budget_seconds(self) -> Optional[float]:
         return None if self.budget is None else parse_duration(self.budget, "train.budget")
@@ -125,6 +139,10 @@ class TrainConfig:
             raise UserError(f"train.epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_every < 1:
+            raise UserError(f"train.ema_every must be at least 1, got {self.ema_every}")
         for name in ("grad_clip", "grad_clip_value"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -151,6 +169,22 @@ def parse_duration(text, where: str) -> float:
 
 
 @dataclass
+class EvalConfig:
+    """How the per-epoch evaluation, the final line and the analysis compute their logits."""
+
+    tta: Literal["none", "flip", "flip_translate"] = "none"  # test-time augmentation
+    tta_fraction: float = 1.0  # apply TTA only to this fraction of each batch: its least confident images
+    tta_shift: int = 1  # flip_translate: pixels of each diagonal translation (reflect padding)
+    tta_last_only: bool = False  # per-epoch evaluations without TTA, the last epoch's (and the analysis) with it
+
+    def __post_init__(self):
+        if not 0 < self.tta_fraction <= 1:
+            raise UserError(f"eval.tta_fraction must be in (0, 1], got {self.tta_fraction}")
+        if self.tta_shift < 1:
+            raise UserError(f"eval.tta_shift must be at least 1, got {self.tta_shift}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
@@ -159,6 +193,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         """Checks across sections."""

@@ -37,6 +37,7 @@ from .speed import resolve_budget
 from .state import Training, start
 from .step import train_step
 from .stop import StopRequest
+from .tta import eval_logits
 
 PROGRESS_EVERY = 10  # batches between progress-bar updates (each reads the loss back from the device)
 
@@ -87,6 +88,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     last_epoch = min(epochs, stop_after or epochs)
     with StopRequest(quiet=not s.world.main) as stop:
         for epoch in range(t.epoch, last_epoch):
+            t.begin_epoch(epoch, s.cfg)
             progress = train_epoch(s, t, epoch, stop, saved,
                                    lambda p, running: rec.save_partial(t, epoch, p, running))
             saved = None
@@ -97,8 +99,10 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
             if not math.isfinite(train.loss):
                 raise Diverged(f"loss became {train.loss} in epoch {epoch + 1}; stopping "
                                f"(the last good checkpoint, if any, is kept)")
-            test = evaluate(s, t.eval_model)
-            val = evaluate(s, t.eval_model, s.val_loader) if s.val_loader is not None else None
+            tta = not s.cfg.eval.tta_last_only or epoch + 1 == epochs
+            with t.evaluation() as model:  # the averaged weights with train.ema_decay
+                test = evaluate(s, model, tta=tta)
+                val = evaluate(s, model, s.val_loader, tta=tta) if s.val_loader is not None else None
             watched = monitored(test, val)
             t.schedule.after_epoch(watched)
             t.history.append(metrics_line(epoch + 1, progress.lr, train, test, val))
@@ -165,8 +169,9 @@ def train_epoch(s: Setup, t: Training, epoch: int, stop: StopRequest | None = No
 
 
 @torch.no_grad()
-def evaluate(s: Setup, model, loader=None) -> Pass:
-    """Loss and accuracy over the (test) loader; distributed: each rank its shard, sums all-reduced."""
+def evaluate(s: Setup, model, loader=None, tta: bool = True) -> Pass:
+    """Loss and accuracy over the (test) loader, with the `eval:` section's test-time augmentation;
+    distributed: each rank its shard, sums all-reduced."""
     model.eval()
     loader = loader or s.test_loader
     loss_sum = torch.zeros((), device=s.device)
@@ -174,7 +179,7 @@ def evaluate(s: Setup, model, loader=None) -> Pass:
     count, start_time = 0, time.perf_counter()
     for images, labels in loader:
         with s.precision.autocast(s.device):
-            logits = model(images)
+            logits = eval_logits(model, images, s.cfg.eval if tta else None)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)

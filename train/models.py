@@ -16,6 +16,7 @@ from torch import nn
 
 from beton.errors import UserError
 
+from .airnet import airnet
 from .config import ModelConfig
 
 # ---------------------------------------------------------------- norms
@@ -185,6 +186,7 @@ MODELS: dict[str, Callable[[int, str], nn.Module]] = {
     "resnet34": resnet34,
     "custom_resnet": custom_resnet,
     "fastnet": fastnet,
+    "airnet": airnet,
 }
 
 TIMM_PREFIX = "timm:"
@@ -210,11 +212,15 @@ def create_model(cfg: Union[ModelConfig, str], num_classes: int = 10, **fields) 
     for flag in ("pretrained", "adapt_stem"):
         if getattr(cfg, flag):
             raise UserError(f"model.{flag} applies to timm models only, not {cfg.name}")
-    options = {"strides": cfg.strides} if cfg.strides is not None else {}
-    if options and "strides" not in inspect.signature(MODELS[cfg.name]).parameters:
-        takes = ", ".join(n for n, fn in MODELS.items() if "strides" in inspect.signature(fn).parameters)
+    fn = MODELS[cfg.name]
+    if cfg.strides is not None and "strides" not in inspect.signature(fn).parameters:
+        takes = ", ".join(n for n, f in MODELS.items() if "strides" in inspect.signature(f).parameters)
         raise UserError(f"model.strides applies to {takes}, not {cfg.name}")
-    return MODELS[cfg.name](num_classes=classes, norm=cfg.norm, **options)
+    options = {**cfg.options, **({"strides": cfg.strides} if cfg.strides is not None else {})}
+    try:
+        return fn(num_classes=classes, norm=cfg.norm, **options)
+    except TypeError as e:  # an option the model does not take
+        raise UserError(f"model.options for {cfg.name}: {e}") from e
 
 
 # ---------------------------------------------------------------- timm

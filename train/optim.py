@@ -14,6 +14,8 @@ from torch.optim import lr_scheduler
 from beton.errors import UserError
 
 from .config import OptimizerConfig, SchedulerConfig
+from .lr_functions import linear
+from .param_groups import NORM_TYPES, build_role_optimizer
 
 # ---------------------------------------------------------------- optimizers
 
@@ -41,8 +43,6 @@ OPTIMIZERS: dict[str, Callable[[Params, OptimizerConfig], torch.optim.Optimizer]
     "adamw": _adamw,
 }
 
-# Norm layers, timm's subclasses (BatchNormAct2d, LayerNorm2d..) included.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 
 
 def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -62,8 +62,10 @@ def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "roles":  # one optimizer per parameter role (Muon for the filters, SGD for the rest, ...)
+        return build_role_optimizer(model, cfg.roles)
     if cfg.name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}")
+        raise UserError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}, roles")
     params: Params = model.parameters()
     if cfg.no_decay_norm_bias:
         decay, no_decay = split_decay(model)
@@ -178,6 +180,14 @@ def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
     return Schedule(optimizer, scheduler, per_batch=True)
 
 
+def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+    """Per batch: every group's LR warms up linearly over warmup_epochs, then falls linearly to end_factor x LR
+    at the last step (airbench's schedule is warmup 0, end 0)."""
+    total = epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, linear(total, warmup, cfg.end_factor)), per_batch=True)
+
+
 def _constant(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
     return Schedule(optimizer, None, per_batch=False)
 
@@ -187,6 +197,7 @@ SCHEDULERS: dict[str, Callable[..., Schedule]] = {
     "step": _step,
     "plateau": _plateau,
     "cosine": _cosine,
+    "linear": _linear,
     "none": _constant,
 }
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from beton.manifest import read_manifest
-from fastloader.loaders import build_loader, build_loaders
+from fastloader.loaders import build_loader, build_loaders, read_split, train_val_indices
 
 from . import distributed
 from .config import ExperimentConfig
+from .airnet import WhiteningConv, init_whitening
 from .hardware import Precision, resolve_device, resolve_precision
 from .models import create_model
 from .speed import auto_precision
@@ -52,6 +54,18 @@ class Setup:
     val_loader: BatchLoader | None = None  # the images data.val_split holds out of the training split
 
 
+WHITENING_IMAGES = 5000  # training images whose 2x2 patches set a whitening conv (airbench's number)
+
+
+def whitening_images(data) -> np.ndarray:
+    """The first WHITENING_IMAGES training images (never validation ones), uint8 N x 32 x 32 x 3."""
+    folder = data.folder()
+    images, _ = read_split(folder, "train")
+    train_indices, _ = train_val_indices(len(images), data)
+    chosen = np.arange(len(images)) if train_indices is None else train_indices
+    return images[chosen[:WHITENING_IMAGES]]
+
+
 def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
     """The run's parts; `precision: auto` is resolved here (by measurement on the CPU) and `cfg` updated,
     so the run's config.yaml holds the precision it ran in."""
@@ -60,6 +74,8 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
     classes = list(manifest["classes"])
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = create_model(cfg.model, num_classes=len(classes))
+    if any(isinstance(m, WhiteningConv) for m in model.modules()):  # airnet: its first conv comes from the data
+        init_whitening(model, whitening_images(cfg.data), manifest["mean"], manifest["std"])
     if cfg.model.sync_bn:
         model = distributed.sync_batchnorm(model, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

@@ -6,14 +6,19 @@ plain data and back (a checkpoint, read with `weights_only=True`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
 from beton.errors import UserError
 
 from . import checkpoint, distributed
+from .airnet import WhiteningConv
+from .averaging import EMA
 from .optim import Schedule, build_optimizer, build_schedule
+from .param_groups import freeze
 from .setup import Setup
 from .step import Step
 
@@ -24,6 +29,7 @@ class Training:
     step: Step  # trains step.model: the model, DDP-wrapped under torchrun, compiled with train.compile
     eval_model: torch.nn.Module  # what evaluation runs (compiled where asked; never DDP: no collective per batch)
     schedule: Schedule
+    ema: EMA | None = None  # train.ema_decay: the averaged weights evaluation and the analysis use
     epoch: int = 0  # epochs done
     history: list = field(default_factory=list)  # metrics lines
     timing: list = field(default_factory=list)  # timing lines
@@ -33,12 +39,28 @@ class Training:
     def optimizer(self) -> torch.optim.Optimizer:
         return self.step.optimizer
 
+    def begin_epoch(self, epoch: int, cfg) -> None:
+        """What changes at an epoch boundary: airnet's whitening bias stops training after N epochs."""
+        n = cfg.train.whitening_bias_epochs
+        if n is not None and epoch >= n:
+            freeze(p for m in self.model.modules() if isinstance(m, WhiteningConv) for p in [m.bias])
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[torch.nn.Module]:
+        """The model evaluation runs: the averaged weights swapped in with train.ema_decay."""
+        if self.ema is None:
+            yield self.eval_model
+        else:
+            with self.ema.averaged():
+                yield self.eval_model
+
     def state_dict(self, cfg, epochs_done: int, partial: dict | None = None) -> dict:
         """A checkpoint after `epochs_done` epochs (and `partial["batch"]` batches of the next)."""
         scaler = self.step.scaler
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": checkpoint.rng_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "epoch": epochs_done, "history": self.history, "timing": self.timing, "best_acc": self.best_acc,
                 "config": cfg.to_dict(), "partial": partial}
 
@@ -50,6 +72,8 @@ class Training:
             self.schedule.load_state_dict(state["schedule"])
             if self.step.scaler.is_enabled() and state.get("scaler"):
                 self.step.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             checkpoint.set_rng_state(state["rng"])
             self.history, self.best_acc, self.epoch = list(state["history"]), float(state["best_acc"]), int(state["epoch"])
             self.timing = list(state.get("timing") or [])
@@ -71,4 +95,6 @@ def start(s: Setup) -> Training:
     else:
         eval_model = torch.compile(s.model) if cfg.train.compile else s.model
     step = Step.create(train_model, optimizer, s.precision, s.device, cfg.train, schedule)
-    return Training(s.model, step, eval_model, schedule)
+    if cfg.train.ema_decay is not None:
+        step.ema = EMA(s.model, cfg.train.ema_decay, cfg.train.ema_every)
+    return Training(s.model, step, eval_model, schedule, step.ema)

@@ -1,8 +1,8 @@
 """One training step, the only one: the loop, the LR range test and the benchmarks all call `train_step`.
 
 A step is: forward under autocast, cross-entropy (with label smoothing), backward through the
-GradScaler, clipping (by norm, by value, or both, on unscaled gradients), the optimizer step, and
-the schedule's per-batch step. The scaler is always there: `GradScaler(enabled=False)` passes
+GradScaler, clipping (by norm, by value, or both, on unscaled gradients), the optimizer step, the
+weight average's update (train.ema_decay), and the schedule's per-batch step. The scaler is always there: `GradScaler(enabled=False)` passes
 the loss and the optimizer step through unchanged, so fp32 and bf16 take the same code as fp16.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Step:
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max global gradient norm
     grad_clip_value: Optional[float] = None  # max absolute gradient element
+    ema: Optional[object] = None  # averaging.EMA: folds the weights in after the optimizer step
 
     @classmethod
     def create(cls, model, optimizer, precision: Precision, device: torch.device, train_cfg=None,
@@ -55,6 +56,8 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor) -> tuple[
             torch.nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
     step.scaler.step(step.optimizer)  # skips the step if fp16 gradients overflowed
     step.scaler.update()
+    if step.ema is not None:
+        step.ema.after_step()
     if step.schedule is not None:
         step.schedule.after_batch()
     return loss.detach(), logits

@@ -94,3 +94,12 @@ def least_confident_only(model, images: torch.Tensor, mode: str, fraction: float
     out = logits.clone()
     out[chosen] = _tta(model, images[chosen], mode, shift, first=logits[chosen], fmt=fmt)
     return out
+
+
+def eval_logits(model, images: torch.Tensor, cfg=None) -> torch.Tensor:
+    """The logits evaluation uses under `eval:` settings (an EvalConfig; None: a plain forward pass)."""
+    if cfg is None or cfg.tta == "none":
+        return model(images)
+    if cfg.tta_fraction < 1:
+        return least_confident_only(model, images, cfg.tta, cfg.tta_fraction, cfg.tta_shift)
+    return tta_logits(model, images, cfg.tta, cfg.tta_shift)

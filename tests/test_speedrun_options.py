@@ -1,0 +1,112 @@
+"""The speed recipe's options as a user sets them in a config: airnet with its whitening init from the
+betons, parameter roles with Muon, the linear schedule, the frozen whitening bias, EMA and TTA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from beton.errors import UserError
+from train.config import OptimizerConfig, SchedulerConfig, build_config
+from train.loop import fit
+from train.optim import build_schedule
+from train.run import RunDir
+from train.setup import build
+
+from .test_train import tiny
+
+ROLES = {"filters": {"name": "muon", "lr": 0.2, "momentum": 0.6, "nesterov": True, "ns_steps": 3,
+                     "renormalize": True},
+         "norm_biases": {"name": "sgd", "lr": 2.0, "momentum": 0.85, "nesterov": True},
+         "whitening_bias": {"name": "sgd", "lr": 2.0, "momentum": 0.85, "nesterov": True},
+         "head": {"name": "sgd", "lr": 20.0, "momentum": 0.85, "nesterov": True}}
+
+
+def speedy(betons, **over) -> dict:
+    raw = tiny(betons, **over)
+    raw["model"] = {"name": "airnet", "options": {"widths": [16, 32, 32]}}
+    raw["optimizer"] = {"name": "roles", "roles": ROLES}
+    raw["scheduler"] = {"name": "linear"}
+    raw["train"].update(label_smoothing=0.2, precision="fp32", whitening_bias_epochs=1, epochs=2)
+    return raw
+
+
+def test_airnet_whitening_comes_from_the_training_images(learnable_betons):
+    s = build(build_config(speedy(learnable_betons)))
+    conv = s.model.whiten
+    assert not conv.weight.requires_grad and conv.bias.requires_grad
+    from train.airnet import patch_covariance
+    from train.setup import whitening_images
+
+    images = torch.as_tensor(whitening_images(s.cfg.data)).permute(0, 3, 1, 2).float()
+    import json
+
+    manifest = json.loads((learnable_betons / "manifest.json").read_text())
+    x = (images - torch.tensor(manifest["mean"]).view(1, 3, 1, 1)) / torch.tensor(manifest["std"]).view(1, 3, 1, 1)
+    out = torch.nn.functional.conv2d(x, conv.weight.float(), conv.bias.float())
+    half = out[:, :12]  # the +v copies; the -v ones mirror them
+    flat = half.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(flat.T)
+    big = torch.linalg.eigvalsh(cov)
+    assert big.max() < 1.05 and flat.mean(0).abs().max() < 0.05  # whitened: no direction above unit variance
+
+
+def test_speed_recipe_trains_resumes_exactly_and_freezes_the_whitening_bias(learnable_betons, tmp_path):
+    cfg = build_config(speedy(learnable_betons, train__ema_decay=0.5, train__ema_every=2))
+    whole = RunDir(tmp_path / "whole")
+    history = fit(cfg, whole)
+    assert history[-1]["test_acc"] > 20.0  # chance is 10%
+    stopped = RunDir(tmp_path / "stopped")
+    fit(cfg, stopped, stop_after=1)
+    after_one = torch.load(stopped.last, weights_only=True)
+    fit(cfg, stopped, resume=True)
+    assert stopped.metrics() == history  # roles optimizer, EMA and schedule state all round-trip
+    final = torch.load(stopped.last, weights_only=True)
+    key = "stem.whiten.bias"
+    assert torch.equal(after_one["model"][key], final["model"][key])  # frozen after epoch 1
+    assert not torch.equal(after_one["model"]["layer1.conv1.weight"], final["model"]["layer1.conv1.weight"])
+    assert final["ema"]["steps"] == 2 * 10 and final["ema"]["updates"] == 10
+
+    from analysis.predictions import load_run
+
+    loaded = load_run(stopped.path, "last")  # the analysis evaluates what training evaluated: the average
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value.cpu(), final["ema"]["average"][name]), name
+
+
+def test_tta_changes_the_evaluation_and_flip_is_mirror_invariant(learnable_betons):
+    from train.loop import evaluate
+
+    plain = build(build_config(speedy(learnable_betons)))
+    flipped = build(build_config({**speedy(learnable_betons), "eval": {"tta": "flip"}}))
+    flipped.model.load_state_dict(plain.model.state_dict())
+    a, b = evaluate(plain, plain.model), evaluate(flipped, flipped.model)
+    assert a.count == b.count and a.loss != b.loss
+    assert evaluate(flipped, flipped.model, tta=False).loss == pytest.approx(a.loss, rel=1e-6)
+    with pytest.raises(UserError, match="tta"):
+        build_config({"eval": {"tta": "rotate"}})
+
+
+def test_linear_schedule_decays_every_group_to_end_factor():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 1.0},
+                           {"params": model[1].parameters(), "lr": 0.1}])
+    schedule = build_schedule(opt, SchedulerConfig(name="linear", warmup_epochs=1, end_factor=0.1), 4, 5, 1.0)
+    trace = []
+    for _ in range(20):
+        trace.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        schedule.after_batch()
+    assert trace[0] == pytest.approx([1 / 6, 0.1 / 6]) and trace[5] == pytest.approx([1.0, 0.1])
+    assert trace[-1][0] == pytest.approx(1 - 0.9 * 14 / 15) and trace[-1][1] == pytest.approx(trace[-1][0] / 10)
+
+
+def test_roles_optimizer_errors_are_one_line(learnable_betons):
+    with pytest.raises(UserError, match="optimizer.roles"):
+        OptimizerConfig(name="roles")
+    cfg = build_config({**speedy(learnable_betons), "optimizer": {"name": "roles", "roles": {"filters": ROLES["filters"]}}})
+    with pytest.raises(UserError, match="no entry for role"):
+        from train.state import start
+
+        start(build(cfg))
+    with pytest.raises(UserError, match="model.options"):
+        build(build_config({**speedy(learnable_betons), "model": {"name": "airnet", "options": {"depth": 3}}}))
