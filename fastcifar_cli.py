@@ -15,7 +15,7 @@ from analysis.cli import analyze_command
 from beton.cli import app as beton_app
 from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
-from train.cli import AFTER_RUN, bench_train_command, lr_find_command, models_command, sweep_command, train_command
+from train.cli import AFTER_RUN, bench_speedrun_command, bench_train_command, lr_find_command, models_command, sweep_command, train_command
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -29,6 +29,7 @@ app.add_typer(beton_app, name="beton")
 bench_app = typer.Typer(help="Benchmarks that print numbers (images/s).", no_args_is_help=True)
 bench_app.command("loader")(bench_loader)
 bench_app.command("train")(bench_train_command)
+bench_app.command("speedrun")(bench_speedrun_command)
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)

@@ -110,3 +110,24 @@ def test_roles_optimizer_errors_are_one_line(learnable_betons):
         start(build(cfg))
     with pytest.raises(UserError, match="model.options"):
         build(build_config({**speedy(learnable_betons), "model": {"name": "airnet", "options": {"depth": 3}}}))
+
+
+def test_bench_speedrun_json(learnable_betons, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from fastcifar_cli import main
+
+    raw = speedy(learnable_betons, train__epochs=1)
+    raw["eval"] = {"tta": "flip", "tta_last_only": True}
+    config = tmp_path / "speedy.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "speedrun", str(config), "--runs", "2", "--json"])
+    assert done.value.code == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(r["accuracies"]) == 2 and len(r["seconds"]) == 2
+    assert r["mean_accuracy"] == pytest.approx(sum(r["accuracies"]) / 2)
+    assert r["mean_seconds"] == pytest.approx(sum(r["seconds"]) / 2)
+    assert all(0 <= s for s in r["setup_seconds"]) and all(a > 10 for a in r["accuracies"])

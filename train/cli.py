@@ -148,6 +148,35 @@ def bench_train_command(
                f"(efficiency {r['loop_efficiency']:.3f})")
 
 
+def bench_speedrun_command(
+    config: Path = typer.Argument(..., help="Experiment YAML (e.g. configs/speed94.yaml)."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Runs, with seeds 0..N-1."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (accuracies, mean_accuracy, seconds, "
+                                 "mean_seconds, ...)."),
+) -> None:
+    """Time to accuracy: N full runs of CONFIG with different seeds; mean and spread of the final test
+    accuracy, wall time per run with set-up, compile and TTA shown apart.
+
+    Example: fastcifar bench speedrun configs/speed94.yaml --runs 3
+    """
+    import json
+
+    from .config import load_config
+    from .speedrun import speedrun
+
+    cfg = load_config(config, list(sets or []))
+    r = speedrun(cfg, runs, log=(lambda line: None) if as_json else typer.echo)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    from .speed import cpu_model
+
+    typer.echo(f"{cfg.name}: {runs} runs on {cpu_model()}: test accuracy {r['mean_accuracy']:.2f}% "
+               f"(sd {r['std_accuracy']:.2f}; {', '.join(f'{a:.2f}' for a in r['accuracies'])}), "
+               f"{r['mean_seconds']:.1f} s per run")
+
+
 def lr_find_command(
     config: Path = typer.Argument(..., help="Experiment YAML (model, data, optimizer are taken from it)."),
     start: float = typer.Option(1e-7, "--start", help="First LR of the range."),

@@ -98,7 +98,9 @@ def metrics_line(epoch: int, lr: float, train: Pass, test: Pass, val: Pass | Non
 
 def timing_line(epoch: int, train: Pass, test: Pass, world: int, val: Pass | None = None) -> dict:
     """How long it took (timing.jsonl): kept apart from metrics.jsonl, which must not vary between reruns."""
-    return {"epoch": epoch, "seconds": round(train.seconds + test.seconds + (val.seconds if val else 0.0), 3),
+    evaluation = test.seconds + (val.seconds if val else 0.0)
+    return {"epoch": epoch, "seconds": round(train.seconds + evaluation, 3), "train_seconds": round(train.seconds, 3),
+            "eval_seconds": round(evaluation, 3),
             "images_per_s": round(train.count / max(train.seconds, 1e-9), 1), "processes": world}
 
 
