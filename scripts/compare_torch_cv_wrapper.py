@@ -6,6 +6,8 @@ in its own virtualenv (albumentations 1.x, torchsummary; see the README), and dr
 ReduceLROnPlateau on test accuracy, ResNet18 with LayerNorm, gradient clipping by value 0.1), on the
 first --subset training images and the full test split, once per seed. It prints one JSON line per
 run: seed, final test accuracy (%), wall seconds (training + the per-epoch test passes).
+One compatibility shim: torch >= 2.7 no longer accepts ReduceLROnPlateau(verbose=...), so the name its
+main.py calls is replaced by a subclass that drops that keyword (it only printed LR cuts).
 
     /tmp/tcw-venv/bin/python scripts/compare_torch_cv_wrapper.py --repo /tmp/tcw \
         --cifar ../shared/data/cifar-10-batches-py --epochs 2 --subset 5000 --seeds 0 1 2
@@ -44,6 +46,14 @@ def main() -> None:
 
     from torch_cv_wrapper import main as tcw_main
     from torch_cv_wrapper.model.resnet import ResNet18
+
+    class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        """torch >= 2.7 removed `verbose` (it only printed LR cuts), which the 2021 code passes: drop it."""
+
+        def __init__(self, *a, verbose=None, **kw):
+            super().__init__(*a, **kw)
+
+    tcw_main.ReduceLROnPlateau = ReduceLROnPlateau  # the name its main.py calls; nothing else changes
 
     config = {  # gkdivya/EVA 8_AdvancedTrainingConcepts/config.yaml with the final model's choices
         "model": "Resnet18", "model_params": {"experiment_name": "compare", "model_dir": "./model/", "seed": 1,
