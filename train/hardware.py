@@ -51,7 +51,9 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """auto: bf16 autocast on CPU; bf16 on CUDA where supported, else fp16 with a GradScaler."""
+    """The Precision a name stands for. A run resolves `auto` by measurement first (`speed.auto_precision`,
+    in `setup.build`); "auto" reaching here (a run saved before that, analysed now) means bf16 on the CPU,
+    and on CUDA bf16 where supported, else fp16 with a GradScaler."""
     if name == "auto":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             name = "fp16"

@@ -74,7 +74,7 @@ def cpu_model() -> str:
 def cache_key(cfg, device: torch.device) -> str:
     m = cfg.model
     return (f"{cpu_model()}|{cpu_cores()} threads|torch {torch.__version__}|{device.type}|{m.name}|{m.norm}|"
-            f"{json.dumps(getattr(m, 'strides', None))}|batch {cfg.data.batch_size}")
+            f"{json.dumps(m.strides)}|{json.dumps(m.options, sort_keys=True)}|batch {cfg.data.batch_size}")
 
 
 def _cache_path() -> Path:
