@@ -1,5 +1,5 @@
 # Shared fixtures live in modules named *_fixtures.py, registered here.
-pytest_plugins = ["tests.fastloader_fixtures"]
+pytest_plugins = ["tests.fastloader_fixtures", "tests.train_fixtures"]
 
 import os
 import tempfile

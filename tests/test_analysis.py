@@ -1,7 +1,8 @@
 """Analysis: the gallery, Grad-CAM on the same images, the 5x5 layer rule, confusion and per-class
 accuracy, report files, and one-line errors through the CLI.
 
-One tiny fastnet run is trained per module and analysed once; every test reads that analysis.
+One tiny fastnet run (the session's, tests/train_fixtures.py) is copied and analysed once per module; every
+test reads that analysis.
 The layer-rule tests use random-init models (no training).
 """
 from __future__ import annotations
@@ -18,12 +19,7 @@ from beton.errors import UserError
 from beton.manifest import read_manifest
 from fastcifar_cli import main
 from fastloader.loaders import read_split
-from train.config import build_config
-from train.loop import fit
 from train.models import create_model
-from train.run import RunDir
-
-from .test_train import tiny
 
 N = 8
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -31,10 +27,9 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_b
 
 
 @pytest.fixture(scope="module")
-def trained_run(learnable_betons, tmp_path_factory):
-    run = RunDir(tmp_path_factory.mktemp("analysis") / "run")
-    fit(build_config(tiny(learnable_betons)), run)
-    return run.path
+def trained_run(tiny_run, tmp_path_factory):
+    """A copy of the session's tiny run (fit(build_config(tiny(learnable_betons)))): the analysis writes into it."""
+    return tiny_run.copy_to(tmp_path_factory.mktemp("analysis") / "run")
 
 
 @pytest.fixture(scope="module")

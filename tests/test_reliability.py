@@ -23,12 +23,11 @@ from .test_train import run_cli, tiny
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="module")
-def reference(learnable_betons, tmp_path_factory) -> RunDir:
-    """An uninterrupted 3-epoch run the others must match exactly."""
-    run = RunDir(tmp_path_factory.mktemp("reference") / "run")
-    fit(build_config(tiny(learnable_betons)), run)
-    return run
+@pytest.fixture
+def reference(tiny_run) -> RunDir:
+    """An uninterrupted 3-epoch run of tiny(learnable_betons) the others must match exactly (trained once per
+    session: tests/train_fixtures.py)."""
+    return tiny_run.run
 
 
 def weights(run: RunDir) -> dict:
@@ -80,7 +79,7 @@ def test_loader_threads_do_not_change_metrics_or_weights(learnable_betons, refer
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(
         learnable_betons, tmp_path, capsys, monkeypatch, err_no):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=2)))
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__epochs=2, data__subset=200, data__test_subset=100)))
     write_bytes, writes = Path.write_bytes, []
 
     def full_disk(self, data):

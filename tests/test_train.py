@@ -12,25 +12,11 @@ from train.loop import Diverged, fit
 from train.run import RunDir
 from train.sweep import sweep
 
-def tiny(betons, **over) -> dict:
-    raw = {
-        "name": "tiny",
-        "model": {"name": "fastnet"},
-        "data": {"beton_dir": str(betons), "batch_size": 100, "workers": 2,
-                 "augment": [{"random_crop": {"padding": 2}}, "flip"]},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
-        "scheduler": {"name": "onecycle", "max_lr": 0.1, "pct_start": 0.25},
-        "train": {"epochs": 3, "precision": "bf16", "seed": 1},
-    }
-    for key, value in over.items():
-        section, _, field = key.partition("__")
-        raw[section][field] = value
-    return raw
+from .train_fixtures import tiny  # also imported from here by the other training tests
 
 
-def test_tiny_run_learns_and_fills_its_run_folder(learnable_betons, tmp_path):
-    run = RunDir(tmp_path / "run")
-    history = fit(build_config(tiny(learnable_betons)), run)
+def test_tiny_run_learns_and_fills_its_run_folder(tiny_run):
+    run, history = tiny_run.run, tiny_run.history  # fit(build_config(tiny(learnable_betons)), run)
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 60.0  # chance is 10%
@@ -51,7 +37,9 @@ def test_tiny_run_learns_and_fills_its_run_folder(learnable_betons, tmp_path):
 
 @pytest.mark.parametrize("scheduler", ["onecycle", "plateau"])
 def test_resume_gives_the_same_metrics_and_weights(learnable_betons, tmp_path, scheduler):
-    cfg = build_config(tiny(learnable_betons, scheduler__name=scheduler, train__precision="fp32"))
+    # 5 batches an epoch: what is tested is the state that crosses the stop, not the amount of training
+    cfg = build_config(tiny(learnable_betons, scheduler__name=scheduler, train__precision="fp32", data__subset=500,
+                            data__test_subset=100))
     whole = RunDir(tmp_path / "whole")
     fit(cfg, whole)
     stopped = RunDir(tmp_path / "stopped")
@@ -65,7 +53,8 @@ def test_resume_gives_the_same_metrics_and_weights(learnable_betons, tmp_path, s
 
 
 def test_divergence_stops_with_a_clear_error(learnable_betons, tmp_path):
-    cfg = build_config(tiny(learnable_betons, optimizer__lr=1e12, scheduler__name="none", train__epochs=1))
+    cfg = build_config(tiny(learnable_betons, optimizer__lr=1e12, scheduler__name="none", train__epochs=1,
+                            data__subset=300))
     with pytest.raises(Diverged, match="loss became"):
         fit(cfg, RunDir(tmp_path / "nan"))
 
@@ -76,7 +65,7 @@ def test_sweep_fills_results_and_skips_complete_runs(learnable_betons, tmp_path)
     configs = tmp_path / "configs"
     configs.mkdir()
     for norm in ("batch", "layer"):
-        raw = tiny(learnable_betons, train__epochs=1)
+        raw = tiny(learnable_betons, train__epochs=1, data__subset=400, data__test_subset=100)
         raw["name"], raw["model"]["norm"] = f"tiny_{norm}", norm
         (configs / f"tiny_{norm}.yaml").write_text(yaml.safe_dump(raw))
     results = sweep([configs], [], tmp_path / "runs", log=lambda line: None)
@@ -144,10 +133,9 @@ def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons,
     assert "valley" in (run.path / "train.log").read_text()
 
 
-def test_rerun_gives_identical_metrics_and_weights(learnable_betons, tmp_path):
-    cfg = build_config(tiny(learnable_betons, train__epochs=2))
-    first, second = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
-    fit(cfg, first)
+def test_rerun_gives_identical_metrics_and_weights(learnable_betons, tiny_run, tmp_path):
+    cfg = build_config(tiny(learnable_betons))
+    first, second = tiny_run.run, RunDir(tmp_path / "b")  # first: fit(cfg, first), earlier in this process
     fit(cfg, second)
     assert (first.path / "metrics.jsonl").read_bytes() == (second.path / "metrics.jsonl").read_bytes()
     a = torch.load(first.last, weights_only=True)["model"]
