@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 from beton.errors import UserError
 from beton.paths import dataset_dir
 
-from .augmentations import make_aug, pack
+from .augs import make_aug, pack
 
 
 def _type_name(tp) -> str:

@@ -3,7 +3,8 @@
 Parameters come from `params.draw_params` (the kernel's own function), so
 for the same (seed, epoch, indices) this path and the loader path produce the
 same pixels: exact for integer maps, within float rounding for rotations.
-The arithmetic mirrors the kernel (float32 coordinates, v * scale + offset).
+The arithmetic mirrors the kernel (float32 coordinates, v * scale + offset);
+colour and box ops run their modules' torch halves (`colour_torch`, `box_torch`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .augmentations import CUTOUT, GRAY, RGBSHIFT, AugTable, pack
+from .augs import BY_CODE, AugTable, pack
+from .augs.base import ACTIVE, BOX, COLOUR
 from .params import draw_params
 
 
@@ -77,21 +79,19 @@ def warp(images: torch.Tensor, params: np.ndarray, table: AugTable) -> torch.Ten
 
 def _colour_ops(out: torch.Tensor, p: torch.Tensor, table: AugTable) -> None:
     for k, code in enumerate(table.codes):
-        active = p[:, k + 1, 0].view(-1, 1, 1, 1) != 0
-        if code == GRAY:
-            luma = (out * torch.tensor([0.299, 0.587, 0.114], device=out.device)).sum(-1, keepdim=True)
-            out.copy_(torch.where(active, luma.expand_as(out), out))
-        elif code == RGBSHIFT:
-            shifted = (out + p[:, k + 1, 1:4].view(-1, 1, 1, 3)).clamp(0, 255)
-            out.copy_(torch.where(active, shifted, out))
+        op = BY_CODE[int(code)]
+        if op.spec.kind == COLOUR:
+            active = p[:, k + 1, ACTIVE].view(-1, 1, 1, 1) != 0
+            op.colour_torch(out, p[:, k + 1], table.settings[k], active)
 
 
 def _cutouts(out: torch.Tensor, p: torch.Tensor, table: AugTable, ys: torch.Tensor, xs: torch.Tensor) -> None:
+    """Box ops, in list order, after everything else."""
     for k, code in enumerate(table.codes):
-        if code != CUTOUT:
+        op = BY_CODE[int(code)]
+        if op.spec.kind != BOX:
             continue
-        cs = float(table.settings[k, 0])
-        y0, x0 = p[:, k + 1, 1].view(-1, 1, 1), p[:, k + 1, 2].view(-1, 1, 1)
-        box = (p[:, k + 1, 0].view(-1, 1, 1) != 0) & (ys >= y0) & (ys < y0 + cs) & (xs >= x0) & (xs < x0 + cs)
-        fill = torch.as_tensor(table.settings[k, 2:5], dtype=torch.float32, device=out.device)
-        out[box] = fill
+        y0, x0, h, w, fill = op.box_torch(p[:, k + 1], table.settings[k])
+        y0, x0 = y0.view(-1, 1, 1), x0.view(-1, 1, 1)
+        box = (p[:, k + 1, ACTIVE].view(-1, 1, 1) != 0) & (ys >= y0) & (ys < y0 + h) & (xs >= x0) & (xs < x0 + w)
+        out[box] = torch.as_tensor(fill, dtype=torch.float32, device=out.device)

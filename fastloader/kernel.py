@@ -14,6 +14,12 @@ Speed notes (2-core numbers in the README): float32 arithmetic and fastmath
 roughly halve the bilinear cost against float64; a source converted to float32
 once (for maps that interpolate) saves three uint8 conversions per tap; a
 generic per-pixel loop over the op list cost 10x, hence the per-sample flags.
+
+The kernel knows op kinds, not ops: geometric ops are already in the map,
+colour ops run through `dispatch.colour_op` on pixels of samples where they
+fired, and box ops declare their rectangle (`dispatch.box_op`). Functions
+that reach an op are not cached on their own; the entry point `augment_batch`
+is, salted with the ops' source (see dispatch.SALT).
 """
 from __future__ import annotations
 
@@ -22,30 +28,25 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .augmentations import CUTOUT, GRAY, RGBSHIFT
-from .params import N_COLS, sample_params
+from .augs import N_COLS
+from .augs.base import ACTIVE, BOX, COLOUR
+from .augs.dispatch import SALT, box_op, colour_op, kind_of
+from .params import sample_params
 
-_FAST = dict(cache=True, fastmath=True, error_model="numpy")
+_FAST = dict(fastmath=True, error_model="numpy")
 
 
 @njit(**_FAST)
-def _colour(v0, v1, v2, p, codes):
-    """Grayscale and RGB shift, in list order (rare: only samples that drew one get here)."""
+def _colour(v0, v1, v2, p, codes, settings):
+    """The colour ops that fired, in list order (rare: only samples that drew one get here)."""
     for k in range(codes.shape[0]):
-        if p[k + 1, 0] == 0.0:
-            continue
-        if codes[k] == GRAY:
-            luma = np.float32(0.299) * v0 + np.float32(0.587) * v1 + np.float32(0.114) * v2
-            v0, v1, v2 = luma, luma, luma
-        elif codes[k] == RGBSHIFT:
-            v0 = min(max(v0 + np.float32(p[k + 1, 1]), np.float32(0.0)), np.float32(255.0))
-            v1 = min(max(v1 + np.float32(p[k + 1, 2]), np.float32(0.0)), np.float32(255.0))
-            v2 = min(max(v2 + np.float32(p[k + 1, 3]), np.float32(0.0)), np.float32(255.0))
+        if p[k + 1, ACTIVE] != 0.0:
+            v0, v1, v2 = colour_op(codes[k], v0, v1, v2, p[k + 1], settings[k])
     return v0, v1, v2
 
 
 @njit(inline="always", **_FAST)
-def _sample_row(img, out, y, x_start, x_end, m, integer, fill, colour, p, codes, scale, offset):
+def _sample_row(img, out, y, x_start, x_end, m, integer, fill, colour, p, codes, settings, scale, offset):
     """Output pixels [x_start, x_end) of row y."""
     h, w = img.shape[0], img.shape[1]
     a, b, c, d, e, f = m
@@ -96,13 +97,25 @@ def _sample_row(img, out, y, x_start, x_end, m, integer, fill, colour, p, codes,
                             v1 += wt * fill[1]
                             v2 += wt * fill[2]
         if colour:
-            v0, v1, v2 = _colour(v0, v1, v2, p, codes)
+            v0, v1, v2 = _colour(v0, v1, v2, p, codes, settings)
         out[y, x, 0] = v0 * scale[0] + offset[0]
         out[y, x, 1] = v1 * scale[1] + offset[1]
         out[y, x, 2] = v2 * scale[2] + offset[2]
 
 
-@njit(**_FAST)
+@njit(inline="always", **_FAST)
+def _rows(img, out, m, integer, fill, colour, p, codes, settings, scale, offset, by0, bx0, bh, bw):
+    """Every output row, less the box [by0, by0 + bh) x [bx0, bx0 + bw)."""
+    ho, wo = out.shape[0], out.shape[1]
+    for y in range(ho):
+        if by0 <= y < by0 + bh:
+            _sample_row(img, out, y, 0, bx0, m, integer, fill, colour, p, codes, settings, scale, offset)
+            _sample_row(img, out, y, bx0 + bw, wo, m, integer, fill, colour, p, codes, settings, scale, offset)
+        else:
+            _sample_row(img, out, y, 0, wo, m, integer, fill, colour, p, codes, settings, scale, offset)
+
+
+@njit(cache=True, **_FAST)
 def is_integer_map(m):
     """No rotation or scaling and integer offsets: every output pixel is an exact source pixel."""
     return (m[1] == 0.0 and m[3] == 0.0 and abs(m[0]) == 1.0 and abs(m[4]) == 1.0
@@ -122,29 +135,34 @@ def warp_one(img, out, p, integer, codes, settings, fill64, scale64, offset64):
     colour = False
     box = -1
     for k in range(codes.shape[0]):
-        if p[k + 1, 0] != 0.0:
-            if codes[k] == GRAY or codes[k] == RGBSHIFT:
+        if p[k + 1, ACTIVE] != 0.0:
+            kind = kind_of(codes[k])
+            if kind == COLOUR:
                 colour = True
-            elif codes[k] == CUTOUT and box < 0:
+            elif kind == BOX and box < 0:
                 box = k
     ho, wo = out.shape[0], out.shape[1]
-    by0, bx0, bs = ho, wo, 0
-    if box >= 0:
-        by0, bx0, bs = int(p[box + 1, 1]), int(p[box + 1, 2]), int(settings[box, 0])
-    for y in range(ho):
-        if by0 <= y < by0 + bs:
-            _sample_row(img, out, y, 0, bx0, m, integer, fill, colour, p, codes, scale, offset)
-            _sample_row(img, out, y, bx0 + bs, wo, m, integer, fill, colour, p, codes, scale, offset)
-        else:
-            _sample_row(img, out, y, 0, wo, m, integer, fill, colour, p, codes, scale, offset)
+    by0, bx0, bh, bw = ho, wo, 0, 0
+    if box >= 0:  # the first box's pixels are not sampled: it overwrites them below
+        by0, bx0, bh, bw, _, _, _ = box_op(codes[box], p[box + 1], settings[box])
+        by0, bx0 = min(max(by0, 0), ho), min(max(bx0, 0), wo)
+        bh, bw = min(max(bh, 0), ho - by0), min(max(bw, 0), wo - bx0)
+    # Two copies of the row loop: the common one holds no colour code at all (5% of the kernel's time).
+    if colour:
+        _rows(img, out, m, integer, fill, True, p, codes, settings, scale, offset, by0, bx0, bh, bw)
+    else:
+        _rows(img, out, m, integer, fill, False, p, codes, settings, scale, offset, by0, bx0, bh, bw)
     for k in range(codes.shape[0]):
-        if codes[k] == CUTOUT and p[k + 1, 0] != 0.0:
-            y0, x0, cs = int(p[k + 1, 1]), int(p[k + 1, 2]), int(settings[k, 0])
-            for ch in range(3):
-                out[y0:y0 + cs, x0:x0 + cs, ch] = settings[k, 2 + ch] * scale64[ch] + offset64[ch]
+        if p[k + 1, ACTIVE] != 0.0 and kind_of(codes[k]) == BOX:
+            y0, x0, h, w, r, g, b = box_op(codes[k], p[k + 1], settings[k])
+            y1, x1 = min(max(y0 + h, 0), ho), min(max(x0 + w, 0), wo)
+            y0, x0 = min(max(y0, 0), ho), min(max(x0, 0), wo)
+            out[y0:y1, x0:x1, 0] = r * scale64[0] + offset64[0]
+            out[y0:y1, x0:x1, 1] = g * scale64[1] + offset64[1]
+            out[y0:y1, x0:x1, 2] = b * scale64[2] + offset64[2]
 
 
-@njit(**_FAST)
+@njit(cache=True, **_FAST)
 def _to_float(img, out):
     """One vectorised conversion per source pixel, instead of one per bilinear tap (4 per output pixel)."""
     for y in range(img.shape[0]):
@@ -153,17 +171,24 @@ def _to_float(img, out):
                 out[y, x, ch] = np.float32(img[y, x, ch])
 
 
-@njit(cache=True, parallel=True)
-def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset):
-    """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC."""
-    k = codes.shape[0]
-    for i in prange(src.shape[0]):
-        p = np.empty((k + 1, N_COLS), dtype=np.float64)
-        sample_params(codes, settings, in_size, seed, epoch, indices[i], p)
-        if is_integer_map(p[0]):
-            warp_one(src[i], dst[i], p, True, codes, settings, fill, scale, offset)
-        else:
-            img = np.empty(src.shape[1:], dtype=np.float32)  # the source as float32, for bilinear taps
-            _to_float(src[i], img)
-            warp_one(img, dst[i], p, False, codes, settings, fill, scale, offset)
-    return dst
+def _compile(salt):
+    """The cached entry point, with `salt` (dispatch.SALT) in numba's cache key."""
+    @njit(cache=True, parallel=True)
+    def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset):
+        """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC."""
+        salt  # noqa: B018 (a closure value: see dispatch.SALT)
+        k = codes.shape[0]
+        for i in prange(src.shape[0]):
+            p = np.empty((k + 1, N_COLS), dtype=np.float64)
+            sample_params(codes, settings, in_size, seed, epoch, indices[i], p)
+            if is_integer_map(p[0]):
+                warp_one(src[i], dst[i], p, True, codes, settings, fill, scale, offset)
+            else:
+                img = np.empty(src.shape[1:], dtype=np.float32)  # the source as float32, for bilinear taps
+                _to_float(src[i], img)
+                warp_one(img, dst[i], p, False, codes, settings, fill, scale, offset)
+        return dst
+    return augment_batch
+
+
+augment_batch = _compile(SALT)

@@ -1,9 +1,10 @@
 """FFCV `Operation`s running the fused kernel on the loader thread.
 
 `FusedAugment` takes any list of augmentation specs and is the fast path; the
-named ops (`RandomCrop`, `Cutout`, ...) are the same operation with a
-one-element list, for FFCV users composing their own pipelines. Draws are
-keyed by each op's type, so separate named ops draw independently.
+named ops (`RandomCrop`, `Cutout`, ..., one per registered spec, made here
+from the registry) are the same operation with a one-element list, for FFCV
+users composing their own pipelines. Draws are keyed by each op's code, so
+separate named ops draw independently.
 
 FFCV compiles each operation's code with the epoch unknown, and numba freezes
 closure arrays as constants, so the epoch lives in an `EpochCell`: an int64
@@ -23,7 +24,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from . import augmentations as A
+from . import augs as A
 from .kernel import augment_batch
 
 
@@ -110,30 +111,13 @@ class FusedAugment(Operation):
         return fused_augment
 
 
-def RandomCrop(size: int = 32, padding: int = 4, fill=0, **kw) -> FusedAugment:
-    return FusedAugment([A.RandomCrop(size, padding, fill)], **kw)
+def _named(spec: type[A.Aug]) -> Callable[..., FusedAugment]:
+    def named(*args, seed: int = 0, cell: EpochCell | None = None, mean=None, std=None, **params) -> FusedAugment:
+        return FusedAugment([spec(*args, **params)], seed=seed, cell=cell, mean=mean, std=std)
+
+    named.__name__ = named.__qualname__ = spec.__name__
+    named.__doc__ = f"A FusedAugment of one {spec.__name__}: {spec.__doc__ or ''}"
+    return named
 
 
-def RandomHorizontalFlip(p: float = 0.5, **kw) -> FusedAugment:
-    return FusedAugment([A.RandomHorizontalFlip(p)], **kw)
-
-
-def RandomRotate(max_degrees: float = 5.0, fill=0, p: float = 1.0, **kw) -> FusedAugment:
-    return FusedAugment([A.RandomRotate(max_degrees, fill, p)], **kw)
-
-
-def ShiftScaleRotate(shift_limit=0.0625, scale_limit=0.1, rotate_limit=45.0, fill=0, p=0.5, **kw) -> FusedAugment:
-    return FusedAugment([A.ShiftScaleRotate(shift_limit, scale_limit, rotate_limit, fill, p)], **kw)
-
-
-def Cutout(size: int = 16, fill=0, p: float = 1.0, **kw) -> FusedAugment:
-    return FusedAugment([A.Cutout(size, fill, p)], **kw)
-
-
-def Grayscale(p: float = 0.2, **kw) -> FusedAugment:
-    return FusedAugment([A.Grayscale(p)], **kw)
-
-
-def RGBShift(r_shift_limit=20.0, g_shift_limit=20.0, b_shift_limit=20.0, p=0.5, **kw) -> FusedAugment:
-    return FusedAugment([A.RGBShift(r_shift_limit, g_shift_limit, b_shift_limit, p)], **kw)
-
+globals().update({spec.__name__: _named(spec) for spec in A.REGISTRY.values()})

@@ -5,6 +5,10 @@ draws would depend on which thread handled a sample. Hashing the sample's
 coordinates instead makes every draw reproducible whatever the thread count,
 and lets the torch path recompute exactly the loader path's parameters.
 The mixer is SplitMix64's finaliser (a bijection on 64-bit integers).
+
+Op k of a pipeline draws from stream `stream(k, code)`, a function of its
+position and its op's stable code, so two ops of one pipeline (and the same
+op in one-op pipelines at different places) draw independently.
 """
 from __future__ import annotations
 
@@ -41,3 +45,16 @@ def uniform(key, op, draw):
     """A float in [0, 1) for draw `draw` of augmentation `op` of a sample."""
     z = mix64(key ^ (np.uint64(op * 64 + draw + 1) * _GOLDEN))
     return np.float64(z >> _S11) * _TO_UNIT
+
+
+@njit(cache=True, inline="always")
+def stream(position, code):
+    """The draw stream of the op with stable `code` at `position` in its pipeline.
+
+    The seven ops that predate the registry (codes below 16) keep `position * 16 + code`, so their
+    draws, and the pixels of every run made with them, are unchanged. Other codes (32-bit, from the
+    op's name) map above 2**40, beyond every small stream, one to one for positions below 2**20.
+    """
+    if code < 16:
+        return position * 16 + code
+    return (1 << 40) + position * (1 << 32) + code
