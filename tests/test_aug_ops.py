@@ -1,4 +1,4 @@
-"""The op registry: one module per op, settings by name, draw streams, adding an op."""
+"""The op registry: one module per op, settings by name, draw streams, adding an op; vflip, the added one."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,7 @@ from fastloader import augs
 from fastloader.augs import MODULES, OPS, REGISTRY, make_aug, pack
 from fastloader.augs.base import BOX, COLOUR, GEOMETRIC, Aug, Op, code_for, settings_layout
 from fastloader.augs.cutout import Cutout
+from fastloader.augs.vflip import RandomVerticalFlip
 from fastloader.config import DataConfig
 from fastloader.device import warp
 from fastloader.kernel import augment_batch
@@ -267,3 +268,43 @@ def test_a_new_op_is_one_file_and_one_registry_line(tmp_path):
     assert text.count('",\n)\n') == 1  # the end of MODULES
     registry.write_text(text.replace('",\n)\n', '",\n    "invert",\n)\n'))
     run(CHECK)
+
+
+# ---- vflip: the op added as one file and one registry line --------------------
+
+def test_vflip_is_registered_with_a_code_from_its_name():
+    assert REGISTRY["vflip"] is RandomVerticalFlip and RandomVerticalFlip.code == code_for("vflip")
+    cfg = DataConfig(augment=[{"random_crop": {"padding": 2}}, {"vflip": {"p": 0.25}}])
+    assert cfg.augmentations()[1] == RandomVerticalFlip(0.25)
+    assert pack(cfg.augmentations()).codes.tolist() == [0, RandomVerticalFlip.code]
+    from fastloader import ops
+
+    assert ops.RandomVerticalFlip(0.3, seed=2).augs == [RandomVerticalFlip(0.3)]
+
+
+def test_vflip_mirrors_rows_exactly():
+    out, p = run_kernel([RandomVerticalFlip(0.5)])
+    flipped = p[:, 1, 0] == 1
+    assert 0 < flipped.sum() < N
+    np.testing.assert_array_equal(out[flipped], IMAGES[flipped][:, ::-1])
+    np.testing.assert_array_equal(out[~flipped], IMAGES[~flipped])
+
+
+def test_vflip_and_flip_draw_independently_and_make_a_half_turn():
+    out, p = run_kernel([make_aug("flip"), make_aug("vflip")])
+    h, v = p[:, 1, 0] == 1, p[:, 2, 0] == 1
+    assert (h != v).any()
+    both = h & v
+    assert both.any()
+    np.testing.assert_array_equal(out[both], IMAGES[both][:, ::-1, ::-1])
+
+
+@pytest.mark.parametrize("augs_, atol", [
+    ([RandomVerticalFlip(0.5)], 0.0),
+    ([make_aug("random_crop"), RandomVerticalFlip(0.5), make_aug("flip"), Cutout(8)], 0.0),
+    ([RandomVerticalFlip(0.5), make_aug({"rotate": {"max_degrees": 20}}), make_aug({"grayscale": {"p": 0.5}})], 1e-3),
+])
+def test_vflip_device_path_equals_loader_path(augs_, atol):
+    kernel_out, p = run_kernel(augs_, epoch=2, out_dtype=np.float32)
+    device_out = warp(torch.from_numpy(IMAGES).permute(0, 3, 1, 2), p, pack(augs_)).numpy()
+    assert np.abs(device_out - kernel_out).max() <= atol * 255

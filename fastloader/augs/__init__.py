@@ -31,6 +31,7 @@ MODULES = (
     "cutout",
     "grayscale",
     "rgb_shift",
+    "vflip",
 )
 
 OPS: dict[str, Op] = {name: import_module(f"{__name__}.{name}").OP for name in MODULES}
