@@ -127,7 +127,9 @@ def test_missing_config_and_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
 
 def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons, tmp_path):
     run = RunDir(tmp_path / "find")
-    fit(build_config(tiny(learnable_betons, scheduler__max_lr="find", train__epochs=1)), run)
+    # the range test's 100 steps at batch 50 (half the compute of batch 100), one epoch of 10 batches after it
+    fit(build_config(tiny(learnable_betons, scheduler__max_lr="find", train__epochs=1, data__batch_size=50,
+                          data__subset=500, data__test_subset=100)), run)
     max_lr = run.config()["scheduler"]["max_lr"]
     assert isinstance(max_lr, float) and 1e-7 <= max_lr <= 10
     assert "valley" in (run.path / "train.log").read_text()
