@@ -61,6 +61,10 @@ CASES = {
                 lambda o: lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=1), False, True),
     "cosine": (SchedulerConfig(name="cosine", eta_min=0.001),
                lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=EPOCHS * STEPS, eta_min=0.001), True, False),
+    # warm-up over one epoch (STEPS steps: (s + 1) / (STEPS + 1)), then linear from 1 to 0.1 at the last step
+    "linear": (SchedulerConfig(name="linear", warmup_epochs=1, end_factor=0.1),
+               lambda o: lr_scheduler.LambdaLR(o, lambda s: (s + 1) / (STEPS + 1) if s < STEPS else
+                                               1 - 0.9 * (s - STEPS) / (EPOCHS * STEPS - STEPS)), True, False),
 }
 
 
@@ -158,7 +162,7 @@ def test_state_of_another_schedule_is_refused():
 def test_per_batch_flags():
     flags = {name: build_schedule(_optimizer(), SchedulerConfig(name=name), EPOCHS, STEPS, LR).per_batch
              for name in SCHEDULERS}
-    assert flags == {"onecycle": True, "cosine": True, "step": False, "plateau": False, "none": False}
+    assert flags == {"onecycle": True, "cosine": True, "linear": True, "step": False, "plateau": False, "none": False}
 
 
 # ---------------------------------------------------------------- optimizers
