@@ -77,7 +77,7 @@ def test_layer_names_for_grad_cam():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("resnet50", "unknown model 'resnet50'; known: resnet18, resnet34, custom_resnet, fastnet, timm:<any timm model>"),
+    ("resnet50", "unknown model 'resnet50'; known: resnet18, resnet34, custom_resnet, fastnet, airnet, timm:<any timm model>"),
     ("timm:resnett10", "unknown timm model 'resnett10'; did you mean: timm:resnet10t"),
 ])
 def test_unknown_models(name, message):
@@ -159,4 +159,4 @@ def test_models_command_json():
     assert result.exit_code == 0, result.output
     counts = json.loads(result.output)
     assert counts == {"resnet18": 11_173_962, "resnet34": 21_282_122, "custom_resnet": 6_573_130,
-                      "fastnet": 657_154}
+                      "fastnet": 657_154, "airnet": 1_972_792}

@@ -111,8 +111,10 @@ def test_airnet_shape_options_and_registry_convention():
     assert model.layer1.conv1.weight[:, :, 1, 1][:WIDTHS[0], :].diagonal().eq(1).all()  # identity on the first 8
     assert model.logit_scale == 1 / WIDTHS[-1]
     assert _net(bn_frozen_scale=False).layer1.norm1.weight.requires_grad
-    with pytest.raises(UserError, match="norm 'batch' only"):
-        airnet(10, "layer")
+    layer = airnet(10, "layer", widths=WIDTHS)  # another norm replaces the recipe's BatchNorm, for comparisons
+    assert isinstance(layer.layer1.norm1, torch.nn.GroupNorm) and layer.layer1.norm1.num_groups == 1
+    with pytest.raises(UserError, match="unknown norm"):
+        airnet(10, "weird", widths=WIDTHS)
 
 
 # ---------------------------------------------------------------- roles and optimizers

@@ -71,9 +71,10 @@ class Conv(nn.Conv2d):
 class ConvGroup(nn.Sequential):
     """conv3x3 -> MaxPool2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
 
-    def __init__(self, cin: int, cout: int, bn: dict, dirac: bool):
-        super().__init__(OrderedDict(conv1=Conv(cin, cout, dirac), pool=nn.MaxPool2d(2), norm1=BatchNorm(cout, **bn),
-                                     act1=nn.GELU(), conv2=Conv(cout, cout, dirac), norm2=BatchNorm(cout, **bn),
+    def __init__(self, cin: int, cout: int, bn: dict, dirac: bool, norm_layer=None):
+        norm = norm_layer or (lambda c: BatchNorm(c, **bn))
+        super().__init__(OrderedDict(conv1=Conv(cin, cout, dirac), pool=nn.MaxPool2d(2), norm1=norm(cout),
+                                     act1=nn.GELU(), conv2=Conv(cout, cout, dirac), norm2=norm(cout),
                                      act2=nn.GELU()))
 
 
@@ -82,7 +83,7 @@ class AirNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256), whiten_kernel: int = 2,
                  bn_momentum: float = 0.4, bn_eps: float = 1e-12, bn_frozen_scale: bool = True, dirac: bool = True,
-                 logit_scale: float | None = None):
+                 logit_scale: float | None = None, norm_layer=None):
         super().__init__()
         if not widths or any(int(w) < 1 for w in widths):
             raise UserError(f"airnet widths must be positive channel counts, got {tuple(widths)!r}")
@@ -93,7 +94,7 @@ class AirNet(nn.Module):
         cin = self.stem.whiten.out_channels
         self.depth = len(widths)
         for i, width in enumerate(widths, start=1):
-            setattr(self, f"layer{i}", ConvGroup(cin, int(width), bn, dirac))
+            setattr(self, f"layer{i}", ConvGroup(cin, int(width), bn, dirac, norm_layer))
             cin = int(width)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(cin, num_classes, bias=False)
@@ -114,9 +115,14 @@ class AirNet(nn.Module):
 
 
 def airnet(num_classes: int = 10, norm: str = "batch", widths: Sequence[int] = (64, 256, 256), **options) -> AirNet:
-    """The registry's entry point (`fn(num_classes, norm)`); options are AirNet's keywords."""
+    """The registry's entry point (`fn(num_classes, norm)`); options are AirNet's keywords. norm "batch" is the
+    recipe's BatchNorm (bn_* options); another norm (layer, group, instance) replaces it, for comparisons."""
     if norm != "batch":
-        raise UserError(f"model airnet supports norm 'batch' only (its BatchNorm is part of the recipe), got {norm!r}")
+        from .models import NORMS  # the registry's norms (models imports this module: imported here, not above)
+
+        if norm not in NORMS:
+            raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        options["norm_layer"] = NORMS[norm]
     return AirNet(num_classes, widths, **options)
 
 
