@@ -32,6 +32,8 @@ from torch import nn
 
 from beton.errors import UserError
 
+from .norms import NORMS
+
 
 class WhiteningConv(nn.Conv2d):
     """The patch-whitening conv: weight frozen (set by `init_whitening`), bias trainable.
@@ -118,8 +120,6 @@ def airnet(num_classes: int = 10, norm: str = "batch", widths: Sequence[int] = (
     """The registry's entry point (`fn(num_classes, norm)`); options are AirNet's keywords. norm "batch" is the
     recipe's BatchNorm (bn_* options); another norm (layer, group, instance) replaces it, for comparisons."""
     if norm != "batch":
-        from .models import NORMS  # the registry's norms (models imports this module: imported here, not above)
-
         if norm not in NORMS:
             raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
         options["norm_layer"] = NORMS[norm]

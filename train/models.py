@@ -18,22 +18,9 @@ from beton.errors import UserError
 
 from .airnet import airnet
 from .config import ModelConfig
+from .norms import NORMS
 
 # ---------------------------------------------------------------- norms
-
-
-def _group_count(channels: int) -> int:
-    """The largest usual group count that divides the channels."""
-    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-
-
-# Every norm has a per-channel affine, so the parameter count is the same as with BatchNorm.
-NORMS: dict[str, Callable[[int], nn.Module]] = {
-    "batch": nn.BatchNorm2d,
-    "layer": lambda c: nn.GroupNorm(1, c),  # over (C, H, W) per sample: LayerNorm for conv nets
-    "group": lambda c: nn.GroupNorm(_group_count(c), c),
-    "instance": lambda c: nn.GroupNorm(c, c),  # per sample and channel, with affine
-}
 
 
 def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
