@@ -46,11 +46,13 @@ def first_batch_seconds(loader) -> float:
     return time.perf_counter() - start
 
 
-def run(folder: str, batches: int = 100, workers: int | None = None, baselines_too: bool = True) -> dict:
-    """All rates (images/s) plus first-batch seconds and resident memory."""
+def run(folder: str, batches: int = 100, workers: int | None = None, baselines_too: bool = True,
+        augment: list | None = None) -> dict:
+    """All rates (images/s) plus first-batch seconds and resident memory; `augment` (a `data.augment`
+    list) replaces BENCH_AUGMENT in fastcifar's pipelines (the baselines always do BENCH_AUGMENT's work)."""
     workers = workers or len(os.sched_getaffinity(0))
     manifest = read_manifest(folder)
-    cfg = DataConfig(beton_dir=folder, augment=BENCH_AUGMENT, workers=workers)
+    cfg = DataConfig(beton_dir=folder, augment=BENCH_AUGMENT if augment is None else augment, workers=workers)
     results: dict = {}
     train = build_loader(cfg, "train", "cpu", manifest=manifest)
     results["first_batch_s"] = first_batch_seconds(train)

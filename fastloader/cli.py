@@ -20,22 +20,28 @@ def bench_loader(
                                           "(default: this machine's cores)."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Only time fastcifar's own pipelines."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object of images/s instead of a table."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="Augmentation list for fastcifar's pipelines: "
+                                          "inline YAML (a data.augment list) or a YAML file holding one, or an "
+                                          "experiment config (its data.augment). The baselines are then skipped, "
+                                          "since they do the default list's work."),
 ) -> None:
     """Images/s of the train (loader and device paths) and test pipelines vs torchvision, albumentations, FFCV.
 
     Example: fastcifar bench loader --beton data/cifar10 --batches 100
+    Example: fastcifar bench loader --no-baselines --augment '[{random_crop: {padding: 4, fill: reflect}}, flip]'
     """
     from .bench import KEYS, run  # heavy imports only when the command runs
 
     folder = beton or str(dataset_dir("cifar10"))
     _check_one_batch(folder)
-    results = run(folder, batches, workers, baselines_too=not no_baselines)
+    augs = _augment_list(augment) if augment is not None else None
+    results = run(folder, batches, workers, baselines_too=not no_baselines and augs is None, augment=augs)
     if as_json:
         typer.echo(json.dumps(results))
         return
     ref = results.get("albumentations")
-    typer.echo(f"augmentation: crop 32 pad 4, flip, rotate +-5, cutout 16, normalise, float32 channels_last; "
-               f"{results['workers']} workers, batch 512")
+    what = "crop 32 pad 4, flip, rotate +-5, cutout 16" if augs is None else json.dumps(augs)
+    typer.echo(f"augmentation: {what}, normalise, float32 channels_last; {results['workers']} workers, batch 512")
     typer.echo(f"{'pipeline':<20}{'images/s':>12}{'x albumentations':>18}")
     for key in KEYS:
         if key in results:
@@ -43,6 +49,28 @@ def bench_loader(
             typer.echo(f"{key:<20}{results[key]:>12,.0f}{ratio:>18}")
     typer.echo(f"first train batch (pipeline compile): {results['first_batch_s']:.1f} s; "
                f"resident memory with train and test loaders: {results['rss_mb_both_loaders']:,.0f} MiB")
+
+
+def _augment_list(text: str) -> list:
+    """`--augment`: inline YAML, or a YAML file with a list or an experiment config (its data.augment),
+    checked as `data.augment` is."""
+    from pathlib import Path
+
+    import yaml
+
+    from .config import DataConfig
+
+    path = Path(text)
+    try:
+        data = yaml.safe_load(path.read_text() if path.suffix in (".yaml", ".yml") and path.is_file() else text)
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--augment: cannot read {text!r}: {str(e).splitlines()[0]}") from e
+    if isinstance(data, dict):
+        data = (data.get("data") or {}).get("augment") if isinstance(data.get("data"), dict) else None
+    if not isinstance(data, list):
+        raise UserError(f"--augment: expected a list of augmentations (or a config with data.augment), got {text!r}")
+    DataConfig(augment=data)  # one-line errors for bad entries
+    return data
 
 
 def _check_one_batch(folder: str) -> None:

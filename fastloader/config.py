@@ -143,7 +143,9 @@ class DataConfig:
                 raise UserError(f"data.{name} must be at least 1 (or null), got {v}")
         if self.seed < 0:
             raise UserError(f"data.seed must be non-negative, got {self.seed}")
-        pack(self.augmentations())  # validates each entry, and the list as a whole (sizes, fills)
+        # validates each entry, and the list as a whole (sizes, fills); `fill: mean` takes the manifest's mean
+        # when the loader is built, a stand-in here
+        pack(self.augmentations(), mean=(0.0, 0.0, 0.0))
 
     def augmentations(self):
         augs = []

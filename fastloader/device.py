@@ -3,7 +3,8 @@
 Parameters come from `params.draw_params` (the kernel's own function), so
 for the same (seed, epoch, indices) this path and the loader path produce the
 same pixels: exact for integer maps, within float rounding for rotations.
-The arithmetic mirrors the kernel (float32 coordinates, v * scale + offset);
+The arithmetic mirrors the kernel (float32 coordinates, v * scale + offset,
+the same fill or BORDER_REFLECT_101 mirror outside the source);
 colour and box ops run their modules' torch halves (`colour_torch`, `box_torch`).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from .augs import BY_CODE, AugTable, pack
-from .augs.base import ACTIVE, BOX, COLOUR
+from .augs.base import ACTIVE, BORDER_REFLECT, BOX, COLOUR
 from .params import draw_params
 
 
@@ -38,7 +39,7 @@ class DeviceAugment:
     """Augment + normalise a uint8 NCHW batch on its device, keyed by dataset indices."""
 
     def __init__(self, augs, seed: int, mean, std, dtype: torch.dtype = torch.float32, in_size: int = 32):
-        self.table: AugTable = pack(augs, in_size)
+        self.table: AugTable = pack(augs, in_size, mean=mean)
         self.seed = int(seed)
         self.normalise = Normalise(mean, std, dtype)
 
@@ -48,8 +49,18 @@ class DeviceAugment:
         return self.normalise(out.permute(0, 3, 1, 2))
 
 
+def reflect101(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices outside [0, n) read as OpenCV's BORDER_REFLECT_101 (-1 -> 1, n -> n - 2), as kernel.reflect101."""
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.abs() % period
+    return torch.where(i >= n, period - i, i)
+
+
 def warp(images: torch.Tensor, params: np.ndarray, table: AugTable) -> torch.Tensor:
-    """Geometric map (bilinear, fill outside), colour ops, then cutout; float32 NHWC on 0..255."""
+    """Geometric map (bilinear; outside the source the fill or, BORDER_REFLECT, its mirror), colour ops,
+    then cutout; float32 NHWC on 0..255."""
     dev = images.device
     n, _, h, w = images.shape
     size = table.out_size
@@ -68,6 +79,10 @@ def warp(images: torch.Tensor, params: np.ndarray, table: AugTable) -> torch.Ten
     out = torch.zeros(n, size, size, 3, device=dev)
     for dy, dx, wt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
         jy, jx = y0 + dy, x0 + dx
+        if table.border == BORDER_REFLECT:
+            flat = (reflect101(jy, h) * w + reflect101(jx, w)).view(n, -1, 1).expand(-1, -1, 3)
+            out += wt * torch.gather(src, 1, flat).view(n, size, size, 3)
+            continue
         inside = ((jy >= 0) & (jy < h) & (jx >= 0) & (jx < w)).unsqueeze(-1)
         flat = (jy.clamp(0, h - 1) * w + jx.clamp(0, w - 1)).view(n, -1, 1).expand(-1, -1, 3)
         tap = torch.gather(src, 1, flat).view(n, size, size, 3)

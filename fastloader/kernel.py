@@ -5,7 +5,8 @@ speed: numba compiles it, FFCV runs it on its loader thread, and `prange`
 spreads the batch over the cores. Each sample draws its parameters
 (`params.sample_params`); every output pixel is then an exact integer copy
 (maps without rotation or scaling) or one bilinear sample of the source (fill
-outside it), then the colour ops, then the output affine `v * scale + offset`:
+outside it, or with `border` BORDER_REFLECT its mirror, BORDER_REFLECT_101),
+then the colour ops, then the output affine `v * scale + offset`:
 normalisation for float output, `+ 0.5` rounding for uint8. Cutout boxes are
 written last, and the first one is skipped by the sampling loop (a 16x16 box
 is a quarter of a CIFAR image that need not be computed).
@@ -29,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from .augs import N_COLS
-from .augs.base import ACTIVE, BOX, COLOUR
+from .augs.base import ACTIVE, BORDER_CONSTANT, BORDER_REFLECT, BOX, COLOUR
 from .augs.dispatch import SALT, box_op, colour_op, kind_of
 from .params import sample_params
 
@@ -45,20 +46,49 @@ def _colour(v0, v1, v2, p, codes, settings):
     return v0, v1, v2
 
 
+@njit
+def _reflect_far(i, n):
+    """reflect101 beyond one mirror: mirror again until inside (cv2.borderInterpolate's loop); rare."""
+    if n == 1:
+        return 0
+    while i < 0 or i >= n:
+        if i < 0:
+            i = -i
+        if i >= n:
+            i = 2 * n - 2 - i
+    return i
+
+
+@njit(inline="always")
+def reflect101(i, n):
+    """Source index `i` outside [0, n) read as OpenCV's BORDER_REFLECT_101 (-1 -> 1, n -> n - 2), repeated
+    (as cv2.borderInterpolate does) for indices more than one image away."""
+    i = abs(i)
+    i = min(i, 2 * n - 2 - i)  # exact within one mirror of the image (every crop padding below its size)
+    return i if i >= 0 else _reflect_far(i, n)
+
+
 @njit(inline="always", **_FAST)
-def _sample_row(img, out, y, x_start, x_end, m, integer, fill, colour, p, codes, settings, scale, offset):
-    """Output pixels [x_start, x_end) of row y."""
+def _sample_row(img, out, y, x_start, x_end, m, integer, fill, reflect, colour, p, codes, settings, scale, offset):
+    """Output pixels [x_start, x_end) of row y; outside the source, `fill` or (`reflect`) its mirror."""
     h, w = img.shape[0], img.shape[1]
     a, b, c, d, e, f = m
     bx = b * np.float32(y) + c
     by = e * np.float32(y) + f
     one = np.float32(1.0)
+    ry = reflect101(int(by), h) if integer and reflect else 0
     for x in range(x_start, x_end):
         sx = a * np.float32(x) + bx
         sy = d * np.float32(x) + by
         if integer:
             ix, iy = int(sx), int(sy)
-            if 0 <= iy < h and 0 <= ix < w:
+            if reflect:  # an integer map reads one source row (d = 0), mirrored once above
+                if not 0 <= ix < w:
+                    ix = reflect101(ix, w)
+                v0 = np.float32(img[ry, ix, 0])
+                v1 = np.float32(img[ry, ix, 1])
+                v2 = np.float32(img[ry, ix, 2])
+            elif 0 <= iy < h and 0 <= ix < w:
                 v0 = np.float32(img[iy, ix, 0])
                 v1 = np.float32(img[iy, ix, 1])
                 v2 = np.float32(img[iy, ix, 2])
@@ -79,6 +109,19 @@ def _sample_row(img, out, y, x_start, x_end, m, integer, fill, colour, p, codes,
                 v1 = top + fy * (bot - top)
                 top = img[iy, ix, 2] + fx * (img[iy, ix + 1, 2] - img[iy, ix, 2])
                 bot = img[iy + 1, ix, 2] + fx * (img[iy + 1, ix + 1, 2] - img[iy + 1, ix, 2])
+                v2 = top + fy * (bot - top)
+            elif reflect:
+                # Border, mirrored: the interior's formula on the four taps' mirrored indices.
+                x0, x1 = reflect101(ix, w), reflect101(ix + 1, w)
+                y0, y1 = reflect101(iy, h), reflect101(iy + 1, h)
+                top = img[y0, x0, 0] + fx * (img[y0, x1, 0] - img[y0, x0, 0])
+                bot = img[y1, x0, 0] + fx * (img[y1, x1, 0] - img[y1, x0, 0])
+                v0 = top + fy * (bot - top)
+                top = img[y0, x0, 1] + fx * (img[y0, x1, 1] - img[y0, x0, 1])
+                bot = img[y1, x0, 1] + fx * (img[y1, x1, 1] - img[y1, x0, 1])
+                v1 = top + fy * (bot - top)
+                top = img[y0, x0, 2] + fx * (img[y0, x1, 2] - img[y0, x0, 2])
+                bot = img[y1, x0, 2] + fx * (img[y1, x1, 2] - img[y1, x0, 2])
                 v2 = top + fy * (bot - top)
             else:
                 # Border: each of the four taps is the source pixel or the fill.
@@ -104,15 +147,15 @@ def _sample_row(img, out, y, x_start, x_end, m, integer, fill, colour, p, codes,
 
 
 @njit(inline="always", **_FAST)
-def _rows(img, out, m, integer, fill, colour, p, codes, settings, scale, offset, by0, bx0, bh, bw):
+def _rows(img, out, m, integer, fill, reflect, colour, p, codes, settings, scale, offset, by0, bx0, bh, bw):
     """Every output row, less the box [by0, by0 + bh) x [bx0, bx0 + bw)."""
     ho, wo = out.shape[0], out.shape[1]
     for y in range(ho):
         if by0 <= y < by0 + bh:
-            _sample_row(img, out, y, 0, bx0, m, integer, fill, colour, p, codes, settings, scale, offset)
-            _sample_row(img, out, y, bx0 + bw, wo, m, integer, fill, colour, p, codes, settings, scale, offset)
+            _sample_row(img, out, y, 0, bx0, m, integer, fill, reflect, colour, p, codes, settings, scale, offset)
+            _sample_row(img, out, y, bx0 + bw, wo, m, integer, fill, reflect, colour, p, codes, settings, scale, offset)
         else:
-            _sample_row(img, out, y, 0, wo, m, integer, fill, colour, p, codes, settings, scale, offset)
+            _sample_row(img, out, y, 0, wo, m, integer, fill, reflect, colour, p, codes, settings, scale, offset)
 
 
 @njit(cache=True, **_FAST)
@@ -123,15 +166,17 @@ def is_integer_map(m):
 
 
 @njit(**_FAST)
-def warp_one(img, out, p, integer, codes, settings, fill64, scale64, offset64):
+def warp_one(img, out, p, integer, codes, settings, fill64, scale64, offset64, border):
     """Augment one HWC image `img` into `out` with the parameters `p` of `sample_params`;
-    `integer`: `is_integer_map(p[0])`, which the caller needs first to pick the source's dtype."""
+    `integer`: `is_integer_map(p[0])`, which the caller needs first to pick the source's dtype;
+    `border`: BORDER_CONSTANT (`fill64` outside the source) or BORDER_REFLECT."""
     m64 = p[0]
     m = (np.float32(m64[0]), np.float32(m64[1]), np.float32(m64[2]),
          np.float32(m64[3]), np.float32(m64[4]), np.float32(m64[5]))
     fill = (np.float32(fill64[0]), np.float32(fill64[1]), np.float32(fill64[2]))
     scale = (np.float32(scale64[0]), np.float32(scale64[1]), np.float32(scale64[2]))
     offset = (np.float32(offset64[0]), np.float32(offset64[1]), np.float32(offset64[2]))
+    reflect = border == BORDER_REFLECT
     colour = False
     box = -1
     for k in range(codes.shape[0]):
@@ -147,11 +192,17 @@ def warp_one(img, out, p, integer, codes, settings, fill64, scale64, offset64):
         by0, bx0, bh, bw, _, _, _ = box_op(codes[box], p[box + 1], settings[box])
         by0, bx0 = min(max(by0, 0), ho), min(max(bx0, 0), wo)
         bh, bw = min(max(bh, 0), ho - by0), min(max(bw, 0), wo - bx0)
-    # Two copies of the row loop: the common one holds no colour code at all (5% of the kernel's time).
+    # Copies of the row loop with constant flags: the common one holds no colour code at all (5% of the
+    # kernel's time), and the constant-fill ones compile to the code they had before reflect existed.
     if colour:
-        _rows(img, out, m, integer, fill, True, p, codes, settings, scale, offset, by0, bx0, bh, bw)
+        if reflect:
+            _rows(img, out, m, integer, fill, True, True, p, codes, settings, scale, offset, by0, bx0, bh, bw)
+        else:
+            _rows(img, out, m, integer, fill, False, True, p, codes, settings, scale, offset, by0, bx0, bh, bw)
+    elif reflect:
+        _rows(img, out, m, integer, fill, True, False, p, codes, settings, scale, offset, by0, bx0, bh, bw)
     else:
-        _rows(img, out, m, integer, fill, False, p, codes, settings, scale, offset, by0, bx0, bh, bw)
+        _rows(img, out, m, integer, fill, False, False, p, codes, settings, scale, offset, by0, bx0, bh, bw)
     for k in range(codes.shape[0]):
         if p[k + 1, ACTIVE] != 0.0 and kind_of(codes[k]) == BOX:
             y0, x0, h, w, r, g, b = box_op(codes[k], p[k + 1], settings[k])
@@ -174,19 +225,21 @@ def _to_float(img, out):
 def _compile(salt):
     """The cached entry point, with `salt` (dispatch.SALT) in numba's cache key."""
     @njit(cache=True, parallel=True)
-    def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset):
-        """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC."""
+    def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset,
+                      border=BORDER_CONSTANT):
+        """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC; `border`:
+        the table's (`AugTable.border`)."""
         salt  # noqa: B018 (a closure value: see dispatch.SALT)
         k = codes.shape[0]
         for i in prange(src.shape[0]):
             p = np.empty((k + 1, N_COLS), dtype=np.float64)
             sample_params(codes, settings, in_size, seed, epoch, indices[i], p)
             if is_integer_map(p[0]):
-                warp_one(src[i], dst[i], p, True, codes, settings, fill, scale, offset)
+                warp_one(src[i], dst[i], p, True, codes, settings, fill, scale, offset, border)
             else:
                 img = np.empty(src.shape[1:], dtype=np.float32)  # the source as float32, for bilinear taps
                 _to_float(src[i], img)
-                warp_one(img, dst[i], p, False, codes, settings, fill, scale, offset)
+                warp_one(img, dst[i], p, False, codes, settings, fill, scale, offset, border)
         return dst
     return augment_batch
 

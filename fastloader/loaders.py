@@ -212,7 +212,7 @@ def build_loader(cfg: DataConfig, split: str, device: str | torch.device = "cpu"
     image_ops = []
     if not on_device and (augs or normalise_in_kernel):
         kernel_stats = dict(mean=mean, std=std) if normalise_in_kernel else {}
-        image_ops = [FusedAugment(augs, seed=cfg.seed, cell=cell, **kernel_stats)]
+        image_ops = [FusedAugment(augs, seed=cfg.seed, cell=cell, fill_mean=mean, **kernel_stats)]
 
     if on_device:
         device_augment = DeviceAugment(augs, cfg.seed, mean, std, dtype)

@@ -70,15 +70,18 @@ class FusedAugment(Operation):
 
     Output is uint8 HWC (`mean`/`std` None) or, when `mean` and `std` are given,
     float32 HWC already normalised, which becomes a channels_last tensor with
-    no further copy.
+    no further copy. `fill_mean` (default: `mean`) is the training mean on the
+    0..255 scale that `fill: mean` stands for; uint8 output needs it given apart.
     """
 
     def __init__(self, augs: Sequence[A.Aug], seed: int = 0, cell: EpochCell | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 fill_mean: Sequence[float] | None = None):
         super().__init__()
         self.augs = list(augs)
         self.seed = int(seed)
         self.cell = cell if cell is not None else EpochCell()
+        self.fill_mean = fill_mean if fill_mean is not None else mean
         self.normalise = mean is not None
         if self.normalise:
             std = np.asarray(std, dtype=np.float64)
@@ -91,7 +94,7 @@ class FusedAugment(Operation):
         h, w, c = previous_state.shape
         if h != w or c != 3:
             raise ValueError(f"FusedAugment needs square RGB images, got {previous_state.shape}")
-        self.table = A.pack(self.augs, in_size=h)
+        self.table = A.pack(self.augs, in_size=h, mean=self.fill_mean)
         size = self.table.out_size
         dtype = np.dtype(np.float32 if self.normalise else np.uint8)
         shape = (size, size, 3)
@@ -99,21 +102,22 @@ class FusedAugment(Operation):
 
     def generate_code(self) -> Callable:
         t = self.table
-        codes, settings, in_size, fill = t.codes, t.settings, t.in_size, t.fill
+        codes, settings, in_size, fill, border = t.codes, t.settings, t.in_size, t.fill, np.int64(t.border)
         seed, address, scale, offset = np.int64(self.seed), self.cell.address, self.scale, self.offset
         kernel = augment_batch
 
         def fused_augment(images, dst, indices):
             epoch = read_epoch(address)
-            return kernel(images, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset)
+            return kernel(images, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset, border)
 
         fused_augment.with_indices = True
         return fused_augment
 
 
 def _named(spec: type[A.Aug]) -> Callable[..., FusedAugment]:
-    def named(*args, seed: int = 0, cell: EpochCell | None = None, mean=None, std=None, **params) -> FusedAugment:
-        return FusedAugment([spec(*args, **params)], seed=seed, cell=cell, mean=mean, std=std)
+    def named(*args, seed: int = 0, cell: EpochCell | None = None, mean=None, std=None, fill_mean=None,
+              **params) -> FusedAugment:
+        return FusedAugment([spec(*args, **params)], seed=seed, cell=cell, mean=mean, std=std, fill_mean=fill_mean)
 
     named.__name__ = named.__qualname__ = spec.__name__
     named.__doc__ = f"A FusedAugment of one {spec.__name__}: {spec.__doc__ or ''}"

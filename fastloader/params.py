@@ -16,13 +16,14 @@ from numba import njit, prange
 
 from .augs import N_COLS, AugTable
 from .augs.dispatch import SALT, sample_op
-from .rng import sample_key, stream
+from .rng import index_key, sample_key, stream
 
 
 @njit
 def sample_params(codes, settings, in_size, seed, epoch, index, out):
     """Fill `out` (K + 1 rows of N_COLS) for one sample; returns the output size."""
     key = sample_key(seed, epoch, index)
+    ikey = index_key(seed, index)  # for ops that see the epoch (Op.sees_epoch)
     m = out[0]
     m[:] = 0.0
     m[0] = 1.0
@@ -31,7 +32,7 @@ def sample_params(codes, settings, in_size, seed, epoch, index, out):
     for j in range(codes.shape[0]):
         row = out[j + 1]
         row[:] = 0.0
-        size = sample_op(codes[j], key, stream(j, codes[j]), settings[j], size, row, m)
+        size = sample_op(codes[j], key, stream(j, codes[j]), settings[j], size, row, m, ikey, epoch)
     return size
 
 

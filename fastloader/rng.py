@@ -41,6 +41,14 @@ def sample_key(seed, epoch, index):
 
 
 @njit(cache=True, inline="always")
+def index_key(seed, index):
+    """One 64-bit key per (seed, dataset index), the same in every epoch (for draws that persist across
+    epochs, as alt_flip's coin); built apart from `sample_key`, so it is no epoch's key."""
+    h = mix64(np.uint64(seed) * _GOLDEN + np.uint64(3))
+    return mix64(h ^ (np.uint64(index) * _GOLDEN + np.uint64(4)))
+
+
+@njit(cache=True, inline="always")
 def uniform(key, op, draw):
     """A float in [0, 1) for draw `draw` of augmentation `op` of a sample."""
     z = mix64(key ^ (np.uint64(op * 64 + draw + 1) * _GOLDEN))

@@ -15,6 +15,7 @@ import torch
 import fastloader
 from fastloader import augs
 from fastloader.augs import MODULES, OPS, REGISTRY, make_aug, pack
+from fastloader.augs.alt_flip import AlternatingFlip
 from fastloader.augs.base import BOX, COLOUR, GEOMETRIC, Aug, Op, code_for, settings_layout
 from fastloader.augs.cutout import Cutout
 from fastloader.augs.vflip import RandomVerticalFlip
@@ -308,3 +309,44 @@ def test_vflip_device_path_equals_loader_path(augs_, atol):
     kernel_out, p = run_kernel(augs_, epoch=2, out_dtype=np.float32)
     device_out = warp(torch.from_numpy(IMAGES).permute(0, 3, 1, 2), p, pack(augs_)).numpy()
     assert np.abs(device_out - kernel_out).max() <= atol * 255
+
+
+# ---- alt_flip: airbench's alternating flip, an op that sees the epoch ---------
+
+def test_alt_flip_is_registered_with_a_code_from_its_name():
+    assert REGISTRY["alt_flip"] is AlternatingFlip and AlternatingFlip.code == code_for("alt_flip")
+    assert OPS["alt_flip"].sees_epoch and not any(op.sees_epoch for name, op in OPS.items() if name != "alt_flip")
+    assert DataConfig(augment=["alt_flip", {"alt_flip": None}]).augmentations() == [AlternatingFlip()] * 2
+
+
+def test_alt_flip_alternates_over_epochs_from_one_coin_per_image():
+    table = pack([make_aug("random_crop"), make_aug("alt_flip"), make_aug("cutout")])
+    indices = np.arange(20_000)
+    p = np.stack([draw_params(table, 7, epoch, indices)[:, 2, :2] for epoch in range(4)])  # (epoch, N, [flip, coin])
+    flipped, coin = p[..., 0] == 1, p[..., 1] == 1
+    assert (coin == coin[0]).all()  # drawn from (seed, index) alone
+    np.testing.assert_array_equal(flipped[0], coin[0])  # even epochs: the coin
+    for e in range(3):  # each image once mirrored and once not over any two consecutive epochs
+        np.testing.assert_array_equal(flipped[e + 1], ~flipped[e])
+    assert abs(coin[0].mean() - 0.5) < 0.01
+    other_seed = draw_params(table, 8, 0, indices)[:, 2, 1] == 1
+    assert abs((other_seed == coin[0]).mean() - 0.5) < 0.02
+    # the other ops still draw afresh each epoch
+    crops = np.stack([draw_params(table, 7, e, indices)[:, 1, :2] for e in range(2)])
+    assert (crops[0] != crops[1]).any(axis=1).mean() > 0.8
+
+
+def test_alt_flip_mirrors_exactly_and_both_paths_agree():
+    table = pack([AlternatingFlip()])
+    for epoch in range(4):
+        out, p = run_kernel([AlternatingFlip()], epoch=epoch)
+        flipped = p[:, 1, 0] == 1
+        assert 0 < flipped.sum() < N
+        np.testing.assert_array_equal(out[flipped], IMAGES[flipped][:, :, ::-1])
+        np.testing.assert_array_equal(out[~flipped], IMAGES[~flipped])
+        device_out = warp(torch.from_numpy(IMAGES).permute(0, 3, 1, 2), p, table).numpy()
+        np.testing.assert_array_equal(device_out, out.astype(np.float32))
+    augs_ = [make_aug("random_crop"), AlternatingFlip(), make_aug({"rotate": {"max_degrees": 10}}), Cutout(8)]
+    kernel_out, p = run_kernel(augs_, epoch=3, out_dtype=np.float32)
+    device_out = warp(torch.from_numpy(IMAGES).permute(0, 3, 1, 2), p, pack(augs_)).numpy()
+    assert np.abs(device_out - kernel_out).max() <= 1e-3 * 255

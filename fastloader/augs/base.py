@@ -47,11 +47,46 @@ def code_for(name: str) -> int:
     return LEGACY_CODES + zlib.crc32(name.encode()) % (2**32 - LEGACY_CODES)
 
 
-def fill3(value, name: str) -> tuple[float, float, float]:
-    vals = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(vals) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in vals):
-        raise UserError(f"{name}.fill must be a number or [r, g, b] in 0..255, got {value!r}")
+# Fills given by name. "mean": the training split's per-channel mean (0..255, the manifest's), resolved when
+# the pipeline is built (`pack(..., mean=)`); "reflect": geometric ops only, OpenCV's BORDER_REFLECT_101.
+MEAN, REFLECT = "mean", "reflect"
+# How the one sampling pass reads outside the source image (AugTable.border, the kernels' `border`).
+BORDER_CONSTANT, BORDER_REFLECT = 0, 1
+
+
+def fill3(value, name: str, words: tuple = (MEAN,)) -> tuple[float, float, float] | str:
+    """A fill: a grey, [r, g, b] on 0..255, or one of `words` (kept as the word, resolved by `pack`)."""
+    if isinstance(value, str) and value in words:
+        return value
+    if isinstance(value, (str, bool)):
+        vals = []
+    elif isinstance(value, (int, float)):
+        vals = [value] * 3
+    else:
+        try:
+            vals = list(value)
+        except TypeError:
+            vals = []
+    if len(vals) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255
+                                 for v in vals):
+        named = "".join(f", {w!r}" for w in words[:-1]) + f" or {words[-1]!r}" if words else ""
+        raise UserError(f"{name}.fill must be a number or [r, g, b] in 0..255{named}, got {value!r}")
     return tuple(float(v) for v in vals)
+
+
+def resolve_fill(value, mean) -> tuple[float, float, float]:
+    """A fill as three numbers: "mean" -> `mean` (which must then be given), "reflect" -> zeros (unused)."""
+    if value == MEAN:
+        if mean is None:
+            raise UserError("fill 'mean' needs the training mean: build the pipeline from a beton folder's manifest "
+                            "(or pass mean= to FusedAugment / DeviceAugment)")
+        vals = [float(v) for v in mean]
+        if len(vals) != 3 or not all(0 <= v <= 255 for v in vals):
+            raise UserError(f"the training mean for fill 'mean' must be 3 values on the 0..255 scale, got {mean!r}")
+        return tuple(vals)
+    if value == REFLECT:
+        return (0.0, 0.0, 0.0)
+    return value
 
 
 def prob(p, name: str) -> float:
@@ -104,21 +139,25 @@ class Aug:
     def geometric(self) -> bool:
         return self.kind == GEOMETRIC
 
-    def settings(self, width: int | None = None) -> np.ndarray:
-        """The fields packed by name into one float64 row (`settings_layout`), zero-padded to `width`."""
+    def settings(self, width: int | None = None, mean=None) -> np.ndarray:
+        """The fields packed by name into one float64 row (`settings_layout`), zero-padded to `width`;
+        a fill given by name is packed as its numbers (`resolve_fill`: "mean" -> `mean`)."""
         layout = settings_layout(type(self))
         out = np.zeros(width or settings_width(type(self)), dtype=np.float64)
         for f in fields(self):
             value = getattr(self, f.name)
             col = getattr(layout, f.name)
+            if isinstance(value, str) and isinstance(f.default, tuple):
+                value = resolve_fill(value, mean)
             if isinstance(value, tuple):
                 out[col:col + len(value)] = value
             else:
                 out[col] = value
         return out
 
-    def geometric_fill(self) -> tuple[float, float, float] | None:
-        """The fill this op needs outside the source image (None: it never samples outside)."""
+    def geometric_fill(self) -> tuple[float, float, float] | str | None:
+        """The fill this op needs outside the source image: numbers, "mean" or "reflect" (None: it never
+        samples outside)."""
         return None
 
     def out_size(self, size: int) -> int:
@@ -131,7 +170,9 @@ class Op:
 
     sample(key, stream, s, size, row, m) -> size, numba: draw with `rng.uniform(key, stream, i)`, write
       the draws to `row` (zeroed), compose a geometric map into the affine `m` (`then`), return the
-      output size. `s` is the op's settings row.
+      output size. `s` is the op's settings row. `key` is the sample's (seed, epoch, index).
+    sees_epoch: sample takes two more arguments, `ikey` (`rng.index_key(seed, index)`: the same key in
+      every epoch) and `epoch`, for ops whose draws persist across epochs (alt_flip).
     colour(v0, v1, v2, row, s) -> (v0, v1, v2), numba, float32 on 0..255: one pixel, where the op fired.
       (All numba functions are inlined into the kernels, under their flags: fastmath for pixel code.)
     colour_torch(out, rows, s, active): the same on a float32 N x H x W x 3 batch, in place.
@@ -146,6 +187,7 @@ class Op:
     colour_torch: Optional[Callable] = None
     box: Optional[Callable] = None
     box_torch: Optional[Callable] = None
+    sees_epoch: bool = False
 
     def __post_init__(self):
         needs = {GEOMETRIC: (), COLOUR: ("colour", "colour_torch"), BOX: ("box", "box_torch")}[self.spec.kind]

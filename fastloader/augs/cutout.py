@@ -1,5 +1,8 @@
 """cutout: fill a `size` x `size` square, placed uniformly and wholly inside the image, with `fill`.
 
+`fill`: a grey, [r, g, b] (0..255), or "mean": the training split's per-channel
+mean from the manifest (albumentations users pass it to CoarseDropout as `fill`).
+
 A box op: the kernel skips sampling the first box's pixels (a 16 x 16 box is a
 quarter of a CIFAR image) and writes every box after everything else.
 """

@@ -29,12 +29,19 @@ SALT = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.py")
     _HERE.parent / "rng.py", _HERE.parent / "params.py", _HERE.parent / "kernel.py"])).hexdigest()
 
 
-def _sample_link(code, fn, rest):
-    @njit(inline="always")
-    def sample(op, key, stream, s, size, row, m):
-        if op == code:
-            return fn(key, stream, s, size, row, m)
-        return rest(op, key, stream, s, size, row, m)
+def _sample_link(code, fn, rest, sees_epoch):
+    if sees_epoch:
+        @njit(inline="always")
+        def sample(op, key, stream, s, size, row, m, ikey, epoch):
+            if op == code:
+                return fn(key, stream, s, size, row, m, ikey, epoch)
+            return rest(op, key, stream, s, size, row, m, ikey, epoch)
+    else:
+        @njit(inline="always")
+        def sample(op, key, stream, s, size, row, m, ikey, epoch):
+            if op == code:
+                return fn(key, stream, s, size, row, m)
+            return rest(op, key, stream, s, size, row, m, ikey, epoch)
     return sample
 
 
@@ -66,7 +73,7 @@ def _box_link(code, fn, rest):
 
 
 @njit(inline="always")
-def _no_sample(op, key, stream, s, size, row, m):
+def _no_sample(op, key, stream, s, size, row, m, ikey, epoch):
     return size
 
 
@@ -93,7 +100,7 @@ def _inlined(fn):
 sample_op, kind_of, colour_op, box_op = _no_sample, _no_kind, _no_colour, _no_box
 for _op in reversed(list(OPS.values())):
     _code = _op.spec.code
-    sample_op = _sample_link(_code, _inlined(_op.sample), sample_op)
+    sample_op = _sample_link(_code, _inlined(_op.sample), sample_op, _op.sees_epoch)
     kind_of = _kind_link(_code, _op.spec.kind, kind_of)
     if _op.spec.kind == COLOUR:
         colour_op = _colour_link(_code, _inlined(_op.colour), colour_op)

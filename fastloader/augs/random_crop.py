@@ -1,7 +1,10 @@
 """random_crop: pad by `padding` on every side with `fill`, then crop `size` x `size` at a random offset.
 
 A translation of the map (plus a smaller output), so with no rotation in the
-pipeline the kernel copies integer pixels, bit-exact.
+pipeline the kernel copies integer pixels, bit-exact. `fill`: a grey, [r, g, b],
+"mean" or "reflect" (BORDER_REFLECT_101, the mirror without repeating the
+edge: exactly albumentations' PadIfNeeded(border_mode=cv2.BORDER_REFLECT_101)
+then the crop); see augs/__init__.py for fills shared with rotations.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from numba import njit
 from beton.errors import UserError
 
 from ..rng import uniform
-from .base import GEOMETRIC, Aug, Op, draws, fill3, nonneg, settings_layout, then
+from .base import GEOMETRIC, MEAN, REFLECT, Aug, Op, draws, fill3, nonneg, settings_layout, then
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class RandomCrop(Aug):
         nonneg(self.padding, "RandomCrop.padding", integer=True)
         if self.size < 1:
             raise UserError(f"RandomCrop.size must be at least 1, got {self.size}")
-        object.__setattr__(self, "fill", fill3(self.fill, "RandomCrop"))
+        object.__setattr__(self, "fill", fill3(self.fill, "RandomCrop", (MEAN, REFLECT)))
 
     def geometric_fill(self):
         return self.fill if self.padding > 0 else None

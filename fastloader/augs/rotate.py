@@ -1,6 +1,9 @@
 """rotate: turn about the image centre by an angle uniform in [-max_degrees, max_degrees].
 
-Positive angles turn counter-clockwise on screen, as torchvision's rotate does.
+Positive angles turn counter-clockwise on screen, as torchvision's rotate and
+albumentations' Rotate (cv2.getRotationMatrix2D) do, about the centre
+((w - 1) / 2, (h - 1) / 2) that albumentations 2 uses. `fill`: a grey,
+[r, g, b], "mean" or "reflect" (BORDER_REFLECT_101); see augs/__init__.py.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from numba import njit
 
 from ..rng import uniform
-from .base import GEOMETRIC, Aug, Op, about_centre, draws, fill3, nonneg, prob, settings_layout
+from .base import GEOMETRIC, MEAN, REFLECT, Aug, Op, about_centre, draws, fill3, nonneg, prob, settings_layout
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class RandomRotate(Aug):
     def __post_init__(self):
         nonneg(self.max_degrees, "RandomRotate.max_degrees")
         prob(self.p, "RandomRotate")
-        object.__setattr__(self, "fill", fill3(self.fill, "RandomRotate"))
+        object.__setattr__(self, "fill", fill3(self.fill, "RandomRotate", (MEAN, REFLECT)))
 
     def geometric_fill(self):
         return self.fill

@@ -1,7 +1,9 @@
 """shift_scale_rotate: albumentations' ShiftScaleRotate as one affine map about the centre.
 
 Shift is a fraction of the image size, scale 1 +- scale_limit, rotation
-+- rotate_limit degrees, all drawn together with probability p.
++- rotate_limit degrees, all drawn together with probability p: the forward
+map is cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, scale) plus
+the shift. `fill`: a grey, [r, g, b], "mean" or "reflect" (BORDER_REFLECT_101).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from numba import njit
 from beton.errors import UserError
 
 from ..rng import uniform
-from .base import GEOMETRIC, Aug, Op, about_centre, draws, fill3, nonneg, prob, settings_layout
+from .base import GEOMETRIC, MEAN, REFLECT, Aug, Op, about_centre, draws, fill3, nonneg, prob, settings_layout
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class ShiftScaleRotate(Aug):
         if not isinstance(self.scale_limit, (int, float)) or not 0 <= self.scale_limit < 1:
             raise UserError(f"ShiftScaleRotate.scale_limit must be in [0, 1), got {self.scale_limit!r}")
         prob(self.p, "ShiftScaleRotate")
-        object.__setattr__(self, "fill", fill3(self.fill, "ShiftScaleRotate"))
+        object.__setattr__(self, "fill", fill3(self.fill, "ShiftScaleRotate", (MEAN, REFLECT)))
 
     def geometric_fill(self):
         return self.fill
