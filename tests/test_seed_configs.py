@@ -92,3 +92,24 @@ def test_a_sweep_over_the_seed_grid_runs_and_fills_results(learnable_betons, tmp
     assert len(rows) == 3
     assert "| Best epoch | Time |" in results
     assert "11,173,962" in results
+
+
+def test_speed94_is_airbench94_muons_recipe_in_fastcifars_units():
+    """airbench sums the loss over the batch and sets SGD weight decay as wd / lr (torch's coupled form); ours
+    is a batch mean, so its SGD LRs are times the batch and the decay re-expressed: the same update per step."""
+    c = load_config(CONFIGS / "speed94.yaml")
+    batch, bias_lr, head_lr, wd = 2000, 0.053, 0.67, 2e-6 * 2000  # airbench94_muon.py's main()
+    roles = c.optimizer.roles
+    assert c.data.batch_size == batch and c.train.epochs == 8 and c.train.label_smoothing == 0.2
+    assert roles["filters"] == {"name": "muon", "lr": 0.24, "momentum": 0.6, "nesterov": True, "ns_steps": 3,
+                                "renormalize": True}
+    for role, lr in (("norm_biases", bias_lr), ("whitening_bias", bias_lr), ("head", head_lr)):
+        r = roles[role]
+        assert r["lr"] == pytest.approx(lr * batch, rel=1e-3) and (r["momentum"], r["nesterov"]) == (0.85, True)
+        # per-step decay lr * weight_decay: airbench's lr * (wd / lr) = wd, ours (lr * batch) * w
+        assert r["lr"] * r["weight_decay"] == pytest.approx(lr * (wd / lr), rel=2e-3)
+    assert (c.scheduler.name, c.scheduler.end_factor, c.scheduler.role_epochs) == ("linear", 0.0, {"whitening_bias": 3})
+    assert c.train.whitening_bias_epochs == 3
+    assert [type(a).__name__ for a in c.data.augmentations()] == ["AlternatingFlip", "RandomCrop"]
+    assert (c.data.augmentations()[1].padding, c.data.augmentations()[1].fill) == (2, "reflect")
+    assert (c.eval.tta, c.eval.tta_last_only) == ("flip_translate", True)

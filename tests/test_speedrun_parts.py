@@ -336,6 +336,47 @@ def test_least_confident_only_changes_just_the_least_confident():
 # ---------------------------------------------------------------- LR functions
 
 
+def test_role_epochs_decays_one_roles_lr_over_its_own_epochs():
+    """scheduler.role_epochs {whitening_bias: 1} over 3 epochs of 4 steps: that role's LR is
+    linear_decay(s, 4), the rest linear_decay(s, 12); the trace equals LambdaLR with the functions written out."""
+    from train.config import SchedulerConfig
+    from train.optim import build_schedule
+
+    optimizer = build_role_optimizer(_net(), SPEC)
+    cfg = SchedulerConfig(name="linear", role_epochs={"whitening_bias": 1})
+    schedule = build_schedule(optimizer, cfg, epochs=3, steps_per_epoch=4, base_lr=0.1)
+    base = {g["role"]: g["lr"] for g in optimizer.param_groups}
+    for s in range(1, 13):
+        optimizer.step()
+        schedule.scheduler.step()
+        lrs = {g["role"]: g["lr"] for g in optimizer.param_groups}
+        assert lrs["whitening_bias"] == pytest.approx(base["whitening_bias"] * max(0.0, 1 - s / 4))
+        assert lrs["head"] == pytest.approx(base["head"] * (1 - s / 12))
+        assert lrs["filters"] == pytest.approx(base["filters"] * (1 - s / 12))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"role_epochs": {"whitening": 3}}, "unknown role 'whitening'"),
+    ({"role_epochs": {"head": 0}}, "role_epochs.head must be a positive"),
+    ({"role_epochs": [3]}, "must be a mapping"),
+    ({"name": "onecycle", "role_epochs": {"head": 2}}, "for the linear schedule"),
+])
+def test_role_epochs_bad_values_are_one_line_errors(kw, message):
+    from train.config import SchedulerConfig
+
+    with pytest.raises(UserError, match=message):
+        SchedulerConfig(**{"name": "linear", **kw})
+
+
+def test_role_epochs_for_a_role_the_optimizer_lacks_is_an_error():
+    from train.config import SchedulerConfig
+    from train.optim import build_schedule
+
+    plain = torch.optim.SGD(_net().parameters(), lr=0.1)
+    with pytest.raises(UserError, match="names whitening_bias, which this model and optimizer do not have"):
+        build_schedule(plain, SchedulerConfig(name="linear", role_epochs={"whitening_bias": 1}), 3, 4, 0.1)
+
+
 def test_linear_decay_values():
     assert linear_decay(0, 100) == 1.0 and linear_decay(50, 100) == 0.5 and linear_decay(100, 100) == 0.0
     assert linear_decay(99, 100) == pytest.approx(0.01) and linear_decay(150, 100) == 0.0

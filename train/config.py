@@ -83,6 +83,9 @@ class SchedulerConfig:
     # linear (per batch): from 0 up to each group's LR over warmup_epochs, then linearly down to end_factor x LR
     warmup_epochs: float = 0.0
     end_factor: float = 0.0
+    # linear, optimizer roles: roles whose LR falls to end_factor over fewer epochs than the run, e.g.
+    # {whitening_bias: 3} (airbench: the whitening bias's LR reaches 0 with its 3 trained epochs)
+    role_epochs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0 < self.pct_start < 1:
@@ -101,6 +104,16 @@ class SchedulerConfig:
             self.mode = "max" if self.monitor.endswith("_acc") else "min"
         if self.warmup_epochs < 0 or not 0 <= self.end_factor <= 1:
             raise UserError("scheduler.warmup_epochs must be non-negative and scheduler.end_factor in [0, 1]")
+        if not isinstance(self.role_epochs, dict):
+            raise UserError(f"scheduler.role_epochs must be a mapping {{role: epochs}}, got {self.role_epochs!r}")
+        known = ("filters", "norm_biases", "whitening_bias", "head", "other")  # train.param_groups.ROLES
+        for role, e in self.role_epochs.items():
+            if role not in known:
+                raise UserError(f"scheduler.role_epochs: unknown role {role!r}; known: {', '.join(known)}")
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or e <= 0:
+                raise UserError(f"scheduler.role_epochs.{role} must be a positive number of epochs, got {e!r}")
+        if self.role_epochs and self.name != "linear":
+            raise UserError(f"scheduler.role_epochs is for the linear schedule, not {self.name!r}")
 
 
 @dataclass

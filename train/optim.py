@@ -15,7 +15,7 @@ from beton.errors import UserError
 
 from .config import OptimizerConfig, SchedulerConfig
 from .lr_functions import linear
-from .param_groups import NORM_TYPES, build_role_optimizer
+from .param_groups import NORM_TYPES, build_role_optimizer, group_lambdas
 
 # ---------------------------------------------------------------- optimizers
 
@@ -185,7 +185,20 @@ def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
     at the last step (airbench's schedule is warmup 0, end 0)."""
     total = epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, linear(total, warmup, cfg.end_factor)), per_batch=True)
+    everyone = linear(total, warmup, cfg.end_factor)
+    if not cfg.role_epochs:
+        return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, everyone), per_batch=True)
+    roles = {g.get("role") for g in optimizer.param_groups}
+    missing = sorted(set(cfg.role_epochs) - roles)
+    if missing:
+        raise UserError(f"scheduler.role_epochs names {', '.join(missing)}, which this model and optimizer do not "
+                        f"have (roles here: {', '.join(sorted(r for r in roles if r)) or 'none: use optimizer.name roles'})")
+    by_role = {}
+    for role, e in cfg.role_epochs.items():  # a shorter decay for these roles; the warm-up is the run's
+        steps = max(1, min(total, round(e * steps_per_epoch)))
+        by_role[role] = linear(steps, min(warmup, steps - 1), cfg.end_factor)
+    return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, group_lambdas(optimizer, by_role, everyone)),
+                    per_batch=True)
 
 
 def _constant(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
