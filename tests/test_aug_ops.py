@@ -38,7 +38,7 @@ def run_kernel(augs_, epoch=0, seed=3, out_dtype=np.uint8):
     out = np.empty((N, table.out_size, table.out_size, 3), out_dtype)
     offset = np.full(3, 0.5) if out_dtype == np.uint8 else np.zeros(3)
     augment_batch(IMAGES, out, INDICES, table.codes, table.settings, table.in_size, seed, epoch, table.fill,
-                  np.ones(3), offset)
+                  np.ones(3), offset, table.border)
     return out, draw_params(table, seed, epoch, INDICES)
 
 
@@ -217,7 +217,8 @@ augs = DataConfig(augment=[{"invert": {"p": 0.5}}, "flip"]).augmentations()
 table = pack(augs)
 out = np.empty_like(images)
 idx = np.arange(32, dtype=np.int64)
-augment_batch(images, out, idx, table.codes, table.settings, 32, 0, 0, table.fill, np.ones(3), np.full(3, 0.5))
+augment_batch(images, out, idx, table.codes, table.settings, 32, 0, 0, table.fill, np.ones(3), np.full(3, 0.5),
+              table.border)
 p = draw_params(table, 0, 0, idx)
 inv, flip = p[:, 1, 0] == 1, p[:, 2, 0] == 1
 expected = np.where(inv[:, None, None, None], 255 - images, images)
@@ -238,7 +239,7 @@ from fastloader.params import draw_params
 table = pack([make_aug("flip")])
 images = np.zeros((2, 32, 32, 3), np.uint8)
 augment_batch(images, images.copy(), np.arange(2), table.codes, table.settings, 32, 0, 0, table.fill, np.ones(3),
-              np.full(3, 0.5))
+              np.full(3, 0.5), table.border)
 draw_params(table, 0, 0, np.arange(2))
 print("ok")
 """

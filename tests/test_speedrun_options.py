@@ -51,10 +51,15 @@ def test_airnet_whitening_comes_from_the_training_images(learnable_betons):
 
 
 def test_speed_recipe_trains_resumes_exactly_and_freezes_the_whitening_bias(learnable_betons, tmp_path):
-    cfg = build_config(speedy(learnable_betons, train__ema_decay=0.5, train__ema_every=2))
+    raw = speedy(learnable_betons, train__ema_decay=0.5, train__ema_every=2)
+    raw["eval"] = {"tta": "flip", "tta_last_only": True}
+    cfg = build_config(raw)
     whole = RunDir(tmp_path / "whole")
     history = fit(cfg, whole)
     assert history[-1]["test_acc"] > 20.0  # chance is 10%
+    assert "tta" not in history[0] and history[-1]["tta"] == "flip"  # the line says which evaluation used TTA
+    epoch_lines = [line for line in (whole.path / "train.log").read_text().splitlines() if " epoch " in line]
+    assert "Test set: " in epoch_lines[0] and "Test set (TTA flip): " in epoch_lines[-1]
     stopped = RunDir(tmp_path / "stopped")
     fit(cfg, stopped, stop_after=1)
     after_one = torch.load(stopped.last, weights_only=True)

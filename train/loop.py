@@ -105,7 +105,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
                 val = evaluate(s, model, s.val_loader, tta=tta) if s.val_loader is not None else None
             watched = monitored(test, val)
             t.schedule.after_epoch(watched)
-            t.history.append(metrics_line(epoch + 1, progress.lr, train, test, val))
+            used = s.cfg.eval.tta if tta and s.cfg.eval.tta != "none" else None
+            t.history.append(metrics_line(epoch + 1, progress.lr, train, test, val, tta=used))
             t.timing.append(timing_line(epoch + 1, train, test, s.world.size, val))
             chosen = watched[f"{s.cfg.train.select_best_on}_acc"]  # train.select_best_on: the best checkpoint's split
             improved = chosen > t.best_acc

@@ -84,12 +84,16 @@ def monitored(test: Pass, val: Pass | None) -> dict:
     return found
 
 
-def metrics_line(epoch: int, lr: float, train: Pass, test: Pass, val: Pass | None = None) -> dict:
+def metrics_line(epoch: int, lr: float, train: Pass, test: Pass, val: Pass | None = None,
+                 tta: str | None = None) -> dict:
     """What the epoch learned: a pure function of config and seed, so reruns give identical lines.
-    With a validation split, val_* columns follow the test ones."""
+    With a validation split, val_* columns follow the test ones; `tta` names the test-time augmentation
+    the evaluation used, where it used one."""
     line = {"epoch": epoch, "lr": lr, "train_loss": round(train.loss, 6), "train_acc": round(train.acc, 4),
             "test_loss": round(test.loss, 6), "test_acc": round(test.acc, 4), "test_correct": test.correct,
             "test_count": test.count}
+    if tta:
+        line["tta"] = tta
     if val is not None:
         line.update(val_loss=round(val.loss, 6), val_acc=round(val.acc, 4), val_correct=val.correct,
                     val_count=val.count)
@@ -107,7 +111,7 @@ def timing_line(epoch: int, train: Pass, test: Pass, world: int, val: Pass | Non
 def summary_line(m: dict, t: dict, epochs: int) -> str:
     """One line per epoch, as the seeds' logs have it."""
     return (f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%  |  "
-            f"Test set: Average loss: {m['test_loss']:.4f}, Accuracy: {m['test_correct']}/{m['test_count']} "
+            f"Test set{' (TTA ' + m['tta'] + ')' if m.get('tta') else ''}: Average loss: {m['test_loss']:.4f}, Accuracy: {m['test_correct']}/{m['test_count']} "
             f"({m['test_acc']:.2f}%)  |  " + (f"Val: loss {m['val_loss']:.4f}, acc {m['val_acc']:.2f}%  |  "
                                                if "val_acc" in m else "") +
             f"lr {m['lr']:.3e}  |  {t['seconds']:.1f} s ({t['images_per_s']:,.0f} img/s)")
