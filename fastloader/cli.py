@@ -61,6 +61,8 @@ def _augment_list(text: str) -> list:
     from .config import DataConfig
 
     path = Path(text)
+    if path.suffix in (".yaml", ".yml") and not path.is_file():
+        raise UserError(f"--augment: file not found: {text}")
     try:
         data = yaml.safe_load(path.read_text() if path.suffix in (".yaml", ".yml") and path.is_file() else text)
     except (OSError, yaml.YAMLError) as e:

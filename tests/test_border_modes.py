@@ -244,3 +244,10 @@ def test_bench_loader_takes_an_augmentation_list(tmp_path):
     assert _augment_list(str(config)) == ["alt_flip", {"random_crop": {"fill": "reflect"}}]
     with pytest.raises(UserError, match=r"^data.augment\[0\]: RandomCrop.fill must be .*got 'refelct'$"):
         _augment_list("[{random_crop: {fill: refelct}}]")
+
+
+def test_bench_loader_augment_names_a_missing_file():
+    from fastloader.cli import _augment_list
+
+    with pytest.raises(UserError, match="--augment: file not found: /no/such/augment.yaml"):
+        _augment_list("/no/such/augment.yaml")

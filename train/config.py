@@ -53,6 +53,11 @@ class OptimizerConfig:
             raise UserError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
+# Parameter roles (train.param_groups splits a model by them): here, so that configs check role names
+# without importing torch.
+ROLES = ("filters", "norm_biases", "whitening_bias", "head", "other")
+
+
 @dataclass
 class SchedulerConfig:
     name: Literal["onecycle", "step", "plateau", "cosine", "linear", "none"] = "onecycle"
@@ -106,10 +111,9 @@ class SchedulerConfig:
             raise UserError("scheduler.warmup_epochs must be non-negative and scheduler.end_factor in [0, 1]")
         if not isinstance(self.role_epochs, dict):
             raise UserError(f"scheduler.role_epochs must be a mapping {{role: epochs}}, got {self.role_epochs!r}")
-        known = ("filters", "norm_biases", "whitening_bias", "head", "other")  # train.param_groups.ROLES
         for role, e in self.role_epochs.items():
-            if role not in known:
-                raise UserError(f"scheduler.role_epochs: unknown role {role!r}; known: {', '.join(known)}")
+            if role not in ROLES:
+                raise UserError(f"scheduler.role_epochs: unknown role {role!r}; known: {', '.join(ROLES)}")
             if isinstance(e, bool) or not isinstance(e, (int, float)) or e <= 0:
                 raise UserError(f"scheduler.role_epochs.{role} must be a positive number of epochs, got {e!r}")
         if self.role_epochs and self.name != "linear":

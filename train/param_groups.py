@@ -33,11 +33,11 @@ from torch import nn
 from beton.errors import UserError
 
 from .airnet import WhiteningConv
+from .config import ROLES
 
 # Norm layers, timm's subclasses (BatchNormAct2d, LayerNorm2d..) included (optim.split_decay uses them too).
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 
-ROLES = ("filters", "norm_biases", "whitening_bias", "head", "other")
 
 
 def roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
