@@ -14,6 +14,7 @@ from pathlib import Path
 from .atomic import atomic_path
 from .errors import UserError
 from .manifest import build_manifest, sha256_file, write_manifest
+from .numba_cache import cache_ffcv_import
 from .schema import IMAGE, INDEX, LABEL, MANIFEST, SPLITS, beton_name
 from .sources import Source, Split
 
@@ -64,6 +65,7 @@ def write_betons(source: Source, out_dir: str | Path, force: bool = False, worke
 
 
 def _write_beton(path: Path, split: Split, workers: int) -> None:
+    cache_ffcv_import()
     from ffcv.fields import IntField, RGBImageField  # ffcv pulls in torch: import only when writing
     from ffcv.writer import DatasetWriter
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -154,10 +155,17 @@ def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: in
                  distributed=world > 1)
 
 
-def _open(path: Path, **kwargs) -> Loader:
-    """FFCV's Loader, with its assorted errors on a damaged file turned into one line."""
+def _open(path: Path, num_workers: int, **kwargs) -> Loader:
+    """FFCV's Loader, with its assorted errors on a damaged file turned into one line.
+
+    FFCV hands `num_workers` (-1: os.cpu_count()) to numba, which refuses more threads than the process
+    may use (`taskset`, a container's CPU limit): the loader then runs on those. Batches do not depend
+    on the worker count (augmentations are drawn from (seed, epoch, index)).
+    """
+    limit = numba.config.NUMBA_NUM_THREADS
+    workers = limit if num_workers < 1 else min(num_workers, limit)
     try:
-        return Loader(str(path), **kwargs)
+        return Loader(str(path), num_workers=workers, **kwargs)
     except Exception as e:
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
 

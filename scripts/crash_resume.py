@@ -8,15 +8,16 @@ SIGKILLed at a random moment, checked and resumed with `fastcifar train
 --resume`, `--kills` times, then left to finish. Every fifth kill lands in
 start-up (imports, creating the run folder); the others land in training,
 within the time the reference took for its first two epochs (the first includes
-compiling the loaders), so checkpoint writes are hit too.
+compiling the loaders), so checkpoint writes are hit too, and never so late
+that the run could finish before the kills left are spent.
 After every kill, every checkpoint in the run folder must load with
 `torch.load(weights_only=True)` and metrics.jsonl must parse (no half-written
 file). At the end metrics.jsonl must be byte-identical to the reference's and
 the final weights equal. Exit 0 when all holds, 1 otherwise.
 
-With numba's cache warm an attempt compiles faster than the reference did and
-may get a few epochs further, so give the run several epochs per kill or it
-ends before all kills (e.g. --set train.epochs=24 --set data.subset=2000).
+Give the run a few epochs per kill (e.g. --set train.epochs=24 --set
+data.subset=2000 for 20 kills): with fewer, the later kills land early in
+their attempts.
 """
 from __future__ import annotations
 
@@ -70,6 +71,21 @@ def check_folder(run: Path) -> list[str]:
     return problems
 
 
+def checkpointed(run: Path) -> int:
+    """Epochs the run folder holds (lines of metrics.jsonl)."""
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def kill_window(first: float, epoch: float, remaining: int, kills_left: int) -> float:
+    """Seconds after training starts within which the next kill lands: the reference's first two epochs, so
+    that compiling and checkpoint writes are hit, but short enough that the run cannot finish before the
+    kills left are spent (each kill may cost at most an equal share of the epochs left, with a margin for an
+    attempt that runs faster than the reference did)."""
+    share = max(remaining - 1, 0) / max(kills_left, 1)
+    return max(min(first + epoch, 0.8 * share * epoch), 0.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -115,7 +131,7 @@ def main() -> int:
                 when, deadline = "in start-up", began + rng.uniform(0, startup)
             else:
                 when, deadline = "in training", wait_for_training(proc, killed / "train.log", log_size) + \
-                    rng.uniform(0, first + epoch)
+                    rng.uniform(0, kill_window(first, epoch, len(timing) - checkpointed(killed), a.kills - kills))
             try:
                 proc.wait(timeout=max(deadline - time.perf_counter(), 0.0))
             except subprocess.TimeoutExpired:
@@ -124,8 +140,7 @@ def main() -> int:
                 kills += 1
                 found = check_folder(killed)
                 problems += [f"after kill {kills}: {p}" for p in found]
-                metrics = killed / "metrics.jsonl"
-                done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+                done = checkpointed(killed)
                 print(f"kill {kills:>2} {when}, {time.perf_counter() - began:5.1f} s after start: "
                       f"{done} epoch(s) checkpointed{', ' + '; '.join(found) if found else ''}")
                 continue

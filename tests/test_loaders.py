@@ -178,3 +178,39 @@ def test_bench_loader_json_has_every_key(beton_dir, capsys):
     for key in ("fastcifar_loader", "fastcifar_device", "fastcifar_test", "torchvision", "albumentations",
                 "ffcv_builtin"):
         assert result[key] > 0, key
+
+
+ONE_CORE = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as `taskset -c 0` or a 1-CPU container would
+from fastloader.loaders import read_split
+import numba
+images, labels = read_split(sys.argv[1], "test", workers=2)
+images_all_cores, _ = read_split(sys.argv[1], "test")  # workers=None: FFCV would ask for os.cpu_count()
+print(numba.config.NUMBA_NUM_THREADS, len(labels), (images == images_all_cores).all())
+"""
+
+
+def test_a_loader_asking_for_more_workers_than_the_process_may_use_runs_on_what_it_may(beton_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", ONE_CORE, str(beton_dir)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", str(N_TEST), "True"]
+
+
+def test_importing_ffcv_leaves_its_numba_compile_on_disk_for_the_next_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", "import fastloader.loaders"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = {p.name.split("-")[0] for p in tmp_path.rglob("typeddict.*.nbi")}
+    assert {"typeddict._make_dict", "typeddict._setitem"} <= kept

@@ -148,3 +148,22 @@ def test_checkpoint_every_n_batches_lets_a_crash_lose_less_and_resume_exactly(le
     fit(cfg, run, resume=True)
     assert "after epoch 2, batch 6" in (run.path / "train.log").read_text()
     assert_same_run(run, reference)
+
+
+def test_crash_resume_kills_never_land_so_late_that_the_run_ends_before_all_kills():
+    """The kill window shrinks with the epochs left: even a kill at the end of every window leaves the last
+    attempt an epoch to run (the flake this replaced: 8 epochs, 3 kills, the run ended after 2)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("crash_resume", ROOT / "scripts" / "crash_resume.py")
+    crash_resume = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crash_resume)
+    first, epoch = 8.4, 4.3
+    for epochs, kills in [(8, 3), (3, 3), (24, 20), (5, 1)]:
+        done = 0
+        for kills_left in range(kills, 0, -1):
+            window = crash_resume.kill_window(first, epoch, epochs - done, kills_left)
+            assert 0 <= window <= first + epoch
+            done += int(window // epoch)  # the most epochs a kill at the window's end lets finish
+        assert done < epochs
+    assert crash_resume.kill_window(first, epoch, 24, 1) == first + epoch  # room to spare: the first two epochs
