@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from beton.manifest import read_manifest
+from beton.manifest import check_beton, read_manifest
 
 from . import baselines
 from .config import DataConfig
@@ -52,6 +52,8 @@ def run(folder: str, batches: int = 100, workers: int | None = None, baselines_t
     list) replaces BENCH_AUGMENT in fastcifar's pipelines (the baselines always do BENCH_AUGMENT's work)."""
     workers = workers or len(os.sched_getaffinity(0))
     manifest = read_manifest(folder)
+    for split in ("train", "test"):  # both, before a minute of compiling and timing the first
+        check_beton(folder, manifest, split)
     cfg = DataConfig(beton_dir=folder, augment=BENCH_AUGMENT if augment is None else augment, workers=workers)
     results: dict = {}
     train = build_loader(cfg, "train", "cpu", manifest=manifest)

@@ -65,7 +65,7 @@ def warp(images: torch.Tensor, params: np.ndarray, table: AugTable) -> torch.Ten
     n, _, h, w = images.shape
     size = table.out_size
     src = images.permute(0, 2, 3, 1).reshape(n, h * w, 3).float()
-    fill = torch.as_tensor(table.fill, dtype=torch.float32, device=dev)
+    fill = torch.tensor(table.fill.tolist(), dtype=torch.float32, device=dev)  # the table is read-only
     p = torch.as_tensor(params, dtype=torch.float32, device=dev)
     m = p[:, 0]
     ys, xs = torch.meshgrid(torch.arange(size, device=dev, dtype=torch.float32),
@@ -109,4 +109,4 @@ def _cutouts(out: torch.Tensor, p: torch.Tensor, table: AugTable, ys: torch.Tens
         y0, x0, h, w, fill = op.box_torch(p[:, k + 1], table.settings[k])
         y0, x0 = y0.view(-1, 1, 1), x0.view(-1, 1, 1)
         box = (p[:, k + 1, ACTIVE].view(-1, 1, 1) != 0) & (ys >= y0) & (ys < y0 + h) & (xs >= x0) & (xs < x0 + w)
-        out[box] = torch.as_tensor(fill, dtype=torch.float32, device=out.device)
+        out[box] = torch.as_tensor(np.array(fill, dtype=np.float32), device=out.device)  # a copy: settings are read-only

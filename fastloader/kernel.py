@@ -225,7 +225,8 @@ def _compile(salt):
     def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset, border):
         """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC; `border`:
         the table's (`AugTable.border`, an int64: BORDER_CONSTANT or BORDER_REFLECT). Required, not
-        defaulted: an omitted argument is another numba signature, compiled again."""
+        defaulted: an omitted argument is another numba signature, compiled again (25 s cold); so is a
+        writable table where FFCV's pipeline hands read-only ones, or uint64 indices: see `frozen`."""
         salt  # noqa: B018 (a closure value: see dispatch.SALT)
         k = codes.shape[0]
         for i in prange(src.shape[0]):
@@ -242,3 +243,15 @@ def _compile(salt):
 
 
 augment_batch = _compile(SALT)
+
+
+def frozen(*arrays) -> tuple[np.ndarray, ...]:
+    """Read-only float64 copies, the way FFCV's compiled pipeline hands its constant arrays to the kernel:
+    a direct call (`scale`, `offset`; `pack` freezes the table) then reuses the loader's compiled
+    signature instead of compiling its own."""
+    out = []
+    for a in arrays:
+        a = np.array(a, dtype=np.float64)
+        a.setflags(write=False)
+        out.append(a)
+    return tuple(out)

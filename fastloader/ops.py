@@ -25,7 +25,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from . import augs as A
-from .kernel import augment_batch
+from .kernel import augment_batch, frozen
 
 
 @intrinsic
@@ -85,10 +85,9 @@ class FusedAugment(Operation):
         self.normalise = mean is not None
         if self.normalise:
             std = np.asarray(std, dtype=np.float64)
-            self.scale = 1.0 / std
-            self.offset = -np.asarray(mean, dtype=np.float64) / std
+            self.scale, self.offset = frozen(1.0 / std, -np.asarray(mean, dtype=np.float64) / std)
         else:
-            self.scale, self.offset = np.ones(3), np.full(3, 0.5)
+            self.scale, self.offset = frozen(np.ones(3), np.full(3, 0.5))
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
         h, w, c = previous_state.shape
@@ -102,13 +101,16 @@ class FusedAugment(Operation):
 
     def generate_code(self) -> Callable:
         t = self.table
-        codes, settings, in_size, fill, border = t.codes, t.settings, t.in_size, t.fill, np.int64(t.border)
-        seed, address, scale, offset = np.int64(self.seed), self.cell.address, self.scale, self.offset
+        # numpy scalars, not Python ints: numba types an int closure value as a literal, and a literal
+        # address made `read_epoch` a new compiled (and cached) signature for every loader built
+        codes, settings, in_size, fill, border = t.codes, t.settings, np.int64(t.in_size), t.fill, np.int64(t.border)
+        seed, address, scale, offset = np.int64(self.seed), np.int64(self.cell.address), self.scale, self.offset
         kernel = augment_batch
 
         def fused_augment(images, dst, indices):
             epoch = read_epoch(address)
-            return kernel(images, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset, border)
+            return kernel(images, dst, indices.astype(np.int64), codes, settings, in_size, seed, epoch, fill, scale,
+                          offset, border)  # int64 indices whatever the traversal order gives: one signature
 
         fused_augment.with_indices = True
         return fused_augment

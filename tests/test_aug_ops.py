@@ -21,7 +21,7 @@ from fastloader.augs.cutout import Cutout
 from fastloader.augs.vflip import RandomVerticalFlip
 from fastloader.config import DataConfig
 from fastloader.device import warp
-from fastloader.kernel import augment_batch
+from fastloader.kernel import augment_batch, frozen
 from fastloader.params import draw_params
 from fastloader.rng import stream
 from tests.fastloader_fixtures import synthetic_images
@@ -38,7 +38,7 @@ def run_kernel(augs_, epoch=0, seed=3, out_dtype=np.uint8):
     out = np.empty((N, table.out_size, table.out_size, 3), out_dtype)
     offset = np.full(3, 0.5) if out_dtype == np.uint8 else np.zeros(3)
     augment_batch(IMAGES, out, INDICES, table.codes, table.settings, table.in_size, seed, epoch, table.fill,
-                  np.ones(3), offset, table.border)
+                  *frozen(np.ones(3), offset), table.border)
     return out, draw_params(table, seed, epoch, INDICES)
 
 

@@ -11,7 +11,7 @@ from torchvision.transforms import functional as TF
 from beton.errors import UserError
 from fastloader import augmentations as A
 from fastloader.device import warp
-from fastloader.kernel import augment_batch
+from fastloader.kernel import augment_batch, frozen
 from fastloader.params import draw_params
 from tests.fastloader_fixtures import synthetic_images
 
@@ -25,7 +25,7 @@ def run_kernel(augs, epoch=0, seed=3, images=IMAGES, indices=INDICES):
     table = A.pack(augs)
     out = np.empty((len(images), table.out_size, table.out_size, 3), np.uint8)
     augment_batch(images, out, indices, table.codes, table.settings, table.in_size, seed, epoch,
-                  table.fill, np.ones(3), np.full(3, 0.5), table.border)
+                  table.fill, *frozen(np.ones(3), np.full(3, 0.5)), table.border)
     return out, draw_params(table, seed, epoch, indices)
 
 
@@ -144,7 +144,7 @@ def test_device_path_equals_loader_path(augs, atol):
     table = A.pack(augs)
     kernel_out = np.empty((N, 32, 32, 3), np.float32)
     augment_batch(IMAGES, kernel_out, INDICES, table.codes, table.settings, 32, 3, 5, table.fill,
-                  np.ones(3), np.zeros(3), table.border)
+                  *frozen(np.ones(3), np.zeros(3)), table.border)
     images = torch.from_numpy(IMAGES).permute(0, 3, 1, 2)
     device_out = warp(images, draw_params(table, 3, 5, INDICES), table).numpy()
     assert np.abs(device_out - kernel_out).max() <= atol * 255

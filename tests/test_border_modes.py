@@ -12,7 +12,7 @@ from fastloader import device, kernel
 from fastloader.augs.alt_flip import AlternatingFlip
 from fastloader.augs.base import BORDER_REFLECT
 from fastloader.device import DeviceAugment, warp
-from fastloader.kernel import augment_batch
+from fastloader.kernel import augment_batch, frozen
 from fastloader.ops import FusedAugment
 from fastloader.params import draw_params
 from tests.fastloader_fixtures import synthetic_images
@@ -32,7 +32,7 @@ def run_kernel(augs, epoch=0, seed=3, out_dtype=np.uint8, mean=MEAN):
     out = np.empty((N, table.out_size, table.out_size, 3), out_dtype)
     offset = np.full(3, 0.5) if out_dtype == np.uint8 else np.zeros(3)
     augment_batch(IMAGES, out, INDICES, table.codes, table.settings, table.in_size, seed, epoch, table.fill,
-                  np.ones(3), offset, table.border)
+                  *frozen(np.ones(3), offset), table.border)
     return out, draw_params(table, seed, epoch, INDICES)
 
 

@@ -23,7 +23,7 @@ def tiny(betons, **over) -> dict:
         "data": {"beton_dir": str(betons), "batch_size": 100, "workers": 2,
                  "augment": [{"random_crop": {"padding": 2}}, "flip"]},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
-        "scheduler": {"name": "onecycle", "max_lr": 0.1, "pct_start": 0.25},
+        "scheduler": {"name": "onecycle", "max_lr": 0.05, "pct_start": 0.25},
         "train": {"epochs": 3, "precision": "bf16", "seed": 1},
     }
     for key, value in over.items():

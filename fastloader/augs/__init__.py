@@ -138,4 +138,6 @@ def pack(augs: Sequence[Aug], in_size: int = 32, mean: Sequence[float] | None = 
     geometric = fills.pop() if fills else (0.0, 0.0, 0.0)
     fill = np.array(resolve_fill(geometric, mean), dtype=np.float64)
     border = BORDER_REFLECT if geometric == REFLECT else BORDER_CONSTANT
-    return AugTable(codes, settings, fill, in_size, size, border)
+    for a in (codes, settings, fill):  # read-only, as FFCV's pipeline holds them: one compiled kernel signature
+        a.setflags(write=False)
+    return AugTable(codes, settings, fill, int(in_size), int(size), border)
