@@ -7,14 +7,34 @@ import tempfile
 # beside a second run, 1.1 s with the two pinned; 2-core AMD EPYC). Subprocesses inherit the pinning.
 # numba keeps the machine's thread count, so that tests of thread counts still run two threads.
 _worker, _workers = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _worker.startswith("gw") and _workers > 1 and hasattr(os, "sched_setaffinity"):
-    _cores = sorted(os.sched_getaffinity(0))
-    if len(_cores) >= _workers:
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(len(_cores)))
-        os.sched_setaffinity(0, _cores[int(_worker[2:]) % _workers::_workers])
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+if _worker.startswith("gw") and _workers > 1 and ALL_CORES and len(ALL_CORES) >= _workers:
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(len(ALL_CORES)))
+    os.sched_setaffinity(0, ALL_CORES[int(_worker[2:]) % _workers::_workers])
 
 # `precision: auto` caches its CPU measurement per machine; tests keep theirs apart from the user's.
 os.environ.setdefault("FASTCIFAR_CACHE", tempfile.mkdtemp(prefix="fastcifar-cache-"))
 
 # Shared fixtures live in modules named *_fixtures.py, registered here.
 pytest_plugins = ["tests.fastloader_fixtures", "tests.train_fixtures"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def whole_machine():
+    """The test runs on every core, as a user's process would, not on its worker's share: for comparisons
+    whose numerics depend on the thread counts (torchrun's ranks split the cores between them)."""
+    if not ALL_CORES:
+        yield
+        return
+    import torch
+
+    mine, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, ALL_CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(threads)

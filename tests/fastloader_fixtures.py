@@ -84,3 +84,35 @@ def learnable_betons(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("learnable") / "cifar10"
     write_betons(learnable_source(), out)
     return out
+
+
+def _compile_kernel(out_dtype) -> None:
+    from fastloader.augs import make_aug, pack
+    from fastloader.kernel import augment_batch, frozen
+    from fastloader.params import draw_params
+
+    table = pack([make_aug("flip")])
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    augment_batch(images, np.empty(images.shape, out_dtype), np.arange(2), table.codes, table.settings,
+                  table.in_size, 0, 0, table.fill, *frozen(np.ones(3), np.zeros(3)), table.border)
+    draw_params(table, 0, 0, np.arange(2))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernel(tmp_path_factory):
+    """The fused kernel's two signatures (uint8 and float32 output) in numba's cache before any test needs
+    them. Cold, each takes 25-55 s to compile on 2 cores, and every pytest-xdist worker would compile both:
+    here each worker starts with a different one, under a lock the others wait on, then finds the rest in
+    the cache (a warm cache: about a second)."""
+    import fcntl
+    import os
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    order = [np.uint8, np.float32]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    if worker.startswith("gw") and int(worker[2:]) % 2:
+        order.reverse()
+    for dtype in order:
+        with open(shared / f"fastcifar-kernel-{np.dtype(dtype).name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _compile_kernel(dtype)

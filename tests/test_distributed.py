@@ -105,7 +105,7 @@ def ddp_config(betons) -> dict:
                 data__subset=400, data__workers=1)
 
 
-def test_two_ranks_fail_together_resume_and_match_one_process(learnable_betons, tmp_path):
+def test_two_ranks_fail_together_resume_and_match_one_process(learnable_betons, tmp_path, whole_machine):
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(ddp_config(learnable_betons)))
     run = tmp_path / "run"
