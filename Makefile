@@ -20,7 +20,7 @@ run: betons
 	$(FASTCIFAR) sweep configs/quickstart.yaml --out runs
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 setup: $(STAMP)
 

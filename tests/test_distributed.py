@@ -105,6 +105,7 @@ def ddp_config(betons) -> dict:
                 data__subset=400, data__workers=1)
 
 
+@pytest.mark.slow
 def test_two_ranks_fail_together_resume_and_match_one_process(learnable_betons, tmp_path, whole_machine):
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(ddp_config(learnable_betons)))
@@ -146,6 +147,7 @@ def test_two_ranks_fail_together_resume_and_match_one_process(learnable_betons, 
     assert all(torch.allclose(final[k], a[k], atol=1e-3, rtol=1e-3) for k in final)
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_saves_once_mid_epoch_and_resumes(learnable_betons, tmp_path):
     # 50 steps an epoch; the ranks agree to stop every 10, so Ctrl-C early in epoch 2 stops it at a multiple of 10
     raw = tiny(learnable_betons, model__norm="layer", train__precision="fp32", train__epochs=3, data__workers=1,

@@ -170,6 +170,7 @@ def test_bench_cli_bad_path_is_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bench_loader_json_has_every_key(beton_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "loader", "--beton", str(beton_dir), "--batches", "2", "--json"])

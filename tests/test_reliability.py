@@ -40,6 +40,7 @@ def assert_same_run(a: RunDir, b: RunDir) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_mid_epoch_and_resume_ends_where_an_uninterrupted_run_does(
         learnable_betons, reference, tmp_path, capsys, monkeypatch):
     config = tmp_path / "tiny.yaml"
@@ -126,6 +127,7 @@ def test_sigkill_at_random_moments_loses_nothing(learnable_betons, tmp_path):
     assert "final weights identical: True" in proc.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_every_n_batches_lets_a_crash_lose_less_and_resume_exactly(learnable_betons, reference, tmp_path,
                                                                               monkeypatch):
     from train import checkpoint

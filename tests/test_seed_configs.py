@@ -79,6 +79,7 @@ def test_every_grid_config_builds_its_model_with_the_published_parameter_count()
         assert sum(p.numel() for p in create_model(c.model).parameters()) == counts[c.model.name], path.stem
 
 
+@pytest.mark.slow
 def test_a_sweep_over_the_seed_grid_runs_and_fills_results(learnable_betons, tmp_path):
     """One run per scheduler row (ResNet18, both norms): the rows differ only in model, norm and scheduler,
     and the models are built above; training all twelve for an epoch took 7.7 minutes on a 2-core machine."""

@@ -61,6 +61,7 @@ def test_validation_split_is_deterministic_disjoint_and_covers_the_pool():
         train_val_indices(50, DataConfig(val_split=50))
 
 
+@pytest.mark.slow
 def test_a_run_with_a_validation_split_reports_and_selects_on_it(learnable_betons, tmp_path):
     from train.loop import fit
     from train.run import RunDir

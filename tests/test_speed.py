@@ -55,6 +55,7 @@ def test_budget_epochs(budget, spent, train_s, eval_s, cap, expected):
     assert speed.budget_epochs(budget, spent, train_s, eval_s, cap) == expected
 
 
+@pytest.mark.slow
 def test_budget_fixes_the_epochs_and_resume_and_reruns_need_no_timing(learnable_betons, tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "epoch_seconds", lambda s: (20.0, 5.0))  # 25 s an epoch
     cfg = build_config(tiny(learnable_betons, train__precision="fp32", train__epochs=50, train__budget="100s",

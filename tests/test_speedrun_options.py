@@ -50,6 +50,7 @@ def test_airnet_whitening_comes_from_the_training_images(learnable_betons):
     assert big.max() < 1.05 and flat.mean(0).abs().max() < 0.05  # whitened: no direction above unit variance
 
 
+@pytest.mark.slow
 def test_speed_recipe_trains_resumes_exactly_and_freezes_the_whitening_bias(learnable_betons, tmp_path):
     raw = speedy(learnable_betons, train__ema_decay=0.5, train__ema_every=2)
     raw["eval"] = {"tta": "flip", "tta_last_only": True}

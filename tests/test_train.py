@@ -35,6 +35,7 @@ def test_tiny_run_learns_and_fills_its_run_folder(tiny_run):
     assert "Test set: Average loss:" in log and "Accuracy:" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["onecycle", "plateau"])
 def test_resume_gives_the_same_metrics_and_weights(learnable_betons, tmp_path, scheduler):
     # 5 batches an epoch: what is tested is the state that crosses the stop, not the amount of training
@@ -125,6 +126,7 @@ def test_missing_config_and_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert code == 2 and "not a run folder" in out.err
 
 
+@pytest.mark.slow
 def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons, tmp_path):
     run = RunDir(tmp_path / "find")
     # the range test's 100 steps at batch 50 (half the compute of batch 100), one epoch of 10 batches after it
@@ -135,6 +137,7 @@ def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons,
     assert "valley" in (run.path / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_rerun_gives_identical_metrics_and_weights(learnable_betons, tiny_run, tmp_path):
     cfg = build_config(tiny(learnable_betons))
     first, second = tiny_run.run, RunDir(tmp_path / "b")  # first: fit(cfg, first), earlier in this process
