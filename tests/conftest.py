@@ -1,5 +1,8 @@
+import collections
 import os
 import tempfile
+
+import pytest  # torch and numba are imported later, after the pinning below
 
 # pytest-xdist workers (make test runs two on a 2-core machine) each get their own core(s), before torch or
 # numba is imported: torch sizes its thread pool from the affinity (fastloader.threads), and two workers
@@ -17,11 +20,6 @@ os.environ.setdefault("FASTCIFAR_CACHE", tempfile.mkdtemp(prefix="fastcifar-cach
 
 # Shared fixtures live in modules named *_fixtures.py, registered here.
 pytest_plugins = ["tests.fastloader_fixtures", "tests.train_fixtures"]
-
-
-import collections  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
