@@ -22,9 +22,9 @@ def cache_ffcv_import() -> None:
     from numba.core.caching import NullCache
     from numba.core.dispatcher import Dispatcher
 
-    for helper in vars(typeddict).values():
-        if isinstance(helper, Dispatcher) and isinstance(helper._cache, NullCache):
-            try:
+    try:
+        for helper in vars(typeddict).values():
+            if isinstance(helper, Dispatcher) and isinstance(helper._cache, NullCache):
                 helper.enable_caching()
-            except RuntimeError:  # no writable cache location: numba compiles in memory, as before
-                return
+    except (RuntimeError, AttributeError):  # no writable cache location, or a numba without these internals:
+        return  # numba compiles in memory, as it did
