@@ -59,7 +59,7 @@ def test_budget_epochs(budget, spent, train_s, eval_s, cap, expected):
 def test_budget_fixes_the_epochs_and_resume_and_reruns_need_no_timing(learnable_betons, tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "epoch_seconds", lambda s: (20.0, 5.0))  # 25 s an epoch
     cfg = build_config(tiny(learnable_betons, train__precision="fp32", train__epochs=50, train__budget="100s",
-                            data__subset=500, data__test_subset=100))  # 4 runs: the epochs' length is not the point
+                            data__subset=200, data__test_subset=100))  # 4 runs: the epochs' length is not the point
     whole = RunDir(tmp_path / "whole")
     history = fit(cfg, whole)
     saved = whole.config()["train"]
