@@ -137,3 +137,23 @@ def test_bench_speedrun_json(learnable_betons, tmp_path, capsys):
     assert r["mean_accuracy"] == pytest.approx(sum(r["accuracies"]) / 2)
     assert r["mean_seconds"] == pytest.approx(sum(r["seconds"]) / 2)
     assert all(0 <= s for s in r["setup_seconds"]) and all(a > 10 for a in r["accuracies"])
+
+
+def test_bench_train_takes_the_speed_recipe_with_its_per_role_schedule(learnable_betons, tmp_path, capsys):
+    """bench train times the loop without the schedule; a config with scheduler.role_epochs (speed94's) must not
+    make that a config error."""
+    import json
+
+    import yaml
+
+    from fastcifar_cli import main
+
+    raw = speedy(learnable_betons)
+    raw["scheduler"]["role_epochs"] = {"whitening_bias": 1}
+    config = tmp_path / "speedy.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"])
+    assert done.value.code == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["loop_efficiency"] > 0 and r["loop_real_loader"] > 0

@@ -84,7 +84,7 @@ def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
     if compile:
         results.update(_compiled(s, steps))
 
-    timed = replace(s, cfg=replace(cfg, scheduler=replace(cfg.scheduler, name="none"),
+    timed = replace(s, cfg=replace(cfg, scheduler=replace(cfg.scheduler, name="none", role_epochs={}),
                                    train=replace(cfg.train, epochs=1, compile=False)))
     synthetic = _Repeat(tuple(x.clone() for x in next(iter(s.train_loader))), steps)  # FFCV reuses buffers
     for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(s.train_loader, steps))):
