@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -193,10 +196,6 @@ print(numba.config.NUMBA_NUM_THREADS, len(labels), (images == images_all_cores).
 
 
 def test_a_loader_asking_for_more_workers_than_the_process_may_use_runs_on_what_it_may(beton_dir):
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
     proc = subprocess.run([sys.executable, "-c", ONE_CORE, str(beton_dir)], capture_output=True, text=True,
                           env=env, timeout=300)
@@ -205,10 +204,6 @@ def test_a_loader_asking_for_more_workers_than_the_process_may_use_runs_on_what_
 
 
 def test_importing_ffcv_leaves_its_numba_compile_on_disk_for_the_next_process(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", "import fastloader.loaders"], capture_output=True, text=True,
                           env=env, timeout=300)
