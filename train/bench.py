@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from .config import ExperimentConfig
-from .hardware import resolve_precision
+from .hardware import resolve_precision, reusing_freed_memory
 from .loop import train_epoch
 from .setup import build
 from .speed import rate, step_rate, synthetic_batch
@@ -68,7 +68,8 @@ class _Limited:
 def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
     s = build(cfg)
     device, n, classes = s.device, cfg.data.batch_size, len(s.classes)
-    results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads()}
+    results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads(),
+               "reuse_memory": reusing_freed_memory()}
     for key, name, channels_last in (("fp32_nchw", "fp32", False), ("fp32_channels_last", "fp32", True),
                                      ("bf16_channels_last", "bf16", True)):
         results[key] = rate(s.model, cfg.optimizer, resolve_precision(name, device), device, n, classes, steps,

@@ -126,6 +126,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True
+    # CPU: malloc keeps the memory a step frees for the next step instead of unmapping it (hardware.reuse_freed_memory)
+    reuse_memory: bool = True
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max gradient norm
     grad_clip_value: Optional[float] = None  # max absolute gradient element (torch's clip_grad_value_), before grad_clip

@@ -17,7 +17,7 @@ from fastloader.loaders import build_loader, build_loaders, read_split, train_va
 from . import distributed
 from .config import ExperimentConfig
 from .airnet import WhiteningConv, init_whitening
-from .hardware import Precision, resolve_device, resolve_precision
+from .hardware import Precision, resolve_device, resolve_precision, reuse_freed_memory
 from .models import create_model
 from .speed import auto_precision
 
@@ -70,6 +70,8 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
     """The run's parts; `precision: auto` is resolved here (by measurement on the CPU) and `cfg` updated,
     so the run's config.yaml holds the precision it ran in."""
     device = device or resolve_device(cfg.train.device)
+    if device.type == "cpu" and cfg.train.reuse_memory:
+        reuse_freed_memory()  # before the precision probe, so it times the steps the run will take
     manifest = read_manifest(cfg.data.folder())
     classes = list(manifest["classes"])
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
