@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from beton.errors import UserError
 from train import speed
@@ -149,3 +150,13 @@ def test_build_reuses_freed_memory_on_the_cpu_unless_told_not_to(learnable_beton
     monkeypatch.setattr(setup, "reuse_freed_memory", lambda: calls.append(1))
     build(build_config(tiny(learnable_betons, train__reuse_memory=reuse, train__precision="fp32")))
     assert calls == ([1] if reuse else [])
+
+
+def test_the_precision_cache_tells_reused_memory_apart(monkeypatch):
+    """fp32 and bf16 gain by different factors when freed memory is reused: one must not answer for the other."""
+    cfg = build_config({"name": "k"})
+    device = torch.device("cpu")
+    monkeypatch.setattr(speed, "reusing_freed_memory", lambda: False)
+    plain = speed.cache_key(cfg, device)
+    monkeypatch.setattr(speed, "reusing_freed_memory", lambda: True)
+    assert speed.cache_key(cfg, device) != plain

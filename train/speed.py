@@ -20,7 +20,7 @@ import torch
 from beton.atomic import atomic_write_text
 from fastloader.threads import cpu_cores, own_torch_threads
 
-from .hardware import Precision, resolve_precision
+from .hardware import Precision, resolve_precision, reusing_freed_memory
 from .step import Step, train_step
 
 PROBE_STEPS = 3  # timed steps per precision (after one warm-up step)
@@ -72,9 +72,11 @@ def cpu_model() -> str:
 
 
 def cache_key(cfg, device: torch.device) -> str:
+    """What the measurement depends on; freed-memory reuse changes fp32 and bf16 by different factors."""
     m = cfg.model
     return (f"{cpu_model()}|{cpu_cores()} threads|torch {torch.__version__}|{device.type}|{m.name}|{m.norm}|"
-            f"{json.dumps(m.strides)}|{json.dumps(m.options, sort_keys=True)}|batch {cfg.data.batch_size}")
+            f"{json.dumps(m.strides)}|{json.dumps(m.options, sort_keys=True)}|batch {cfg.data.batch_size}"
+            f"{'|reused memory' if reusing_freed_memory() else ''}")
 
 
 def _cache_path() -> Path:
