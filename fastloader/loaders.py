@@ -37,6 +37,9 @@ ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM
           "sequential": OrderOption.SEQUENTIAL}
 
 
+JOIN_SECONDS = 60.0  # at most: FFCV's thread checks for the end every 0.5 s between batches
+
+
 class CifarLoader:
     """One split's FFCV loader plus the device-side finish; each iteration is one epoch.
 
@@ -80,6 +83,9 @@ class CifarLoader:
                 yield self._finish(images, indices, epoch), labels, indices
         finally:
             iterator.close()  # an epoch left early would otherwise keep FFCV's worker thread waiting
+            # ...and it still finishes the batches it had room for: wait, so that no numba kernel is running
+            # when the caller moves on (a process exiting mid-kernel aborted: "terminate called ...")
+            iterator.join(timeout=JOIN_SECONDS)
 
 
 class ShardedOrder(TraversalOrder):

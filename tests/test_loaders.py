@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -67,6 +68,20 @@ def test_epochs_differ_and_set_epoch_replays(loaders):
     replay = [(x.clone(), i.clone()) for x, _, i in train.batches()]
     for (a, ia), (b, ib) in zip(first, replay):
         assert torch.equal(ia, ib) and torch.equal(a, b)
+
+
+def test_an_epoch_left_early_leaves_no_loader_thread_running(beton_dir):
+    """Leaving an epoch early (a benchmark's few steps, a stop request) waits for FFCV's thread: a process
+    that exited while it was still inside a numba kernel aborted."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    cfg = DataConfig(beton_dir=str(beton_dir), augment=BENCH_AUGMENT, batch_size=8, workers=2, seed=7,
+                     batches_ahead=3)
+    train = build_loader(cfg, "train")
+    assert len(train) > 6  # more batches than the thread prepares ahead
+    for _ in train:
+        break
+    assert [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()] == []
 
 
 def test_same_seed_same_batches_with_other_worker_count(loaders, beton_dir):
