@@ -13,7 +13,9 @@ bus (4x fewer bytes) and the GPU normalises.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from queue import Empty
 from typing import Iterator
 
 import numba
@@ -37,7 +39,23 @@ ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM
           "sequential": OrderOption.SEQUENTIAL}
 
 
-JOIN_SECONDS = 60.0  # at most: FFCV's thread checks for the end every 0.5 s between batches
+def _wait_for(iterator, batches_left: int, limit: float = 60.0) -> None:
+    """Wait until FFCV's loader thread of an epoch left early has ended, so that no numba kernel is still
+    running when the caller moves on (a process that exited mid-kernel aborted: "terminate called ...").
+
+    After `close()` the thread finishes the batches its queue has room for, then sees the end when a put
+    times out. One case never ends by itself: with every batch of the epoch prepared, it waits, without a
+    timeout, to put its end-of-epoch marker into a full queue; taking a batch out lets it finish.
+    """
+    queue, deadline = iterator.output_queue, time.monotonic() + limit
+    while iterator.is_alive() and time.monotonic() < deadline:
+        if 0 < batches_left <= queue.qsize():
+            try:
+                queue.get_nowait()
+                batches_left -= 1
+            except Empty:
+                pass
+        iterator.join(0.05)
 
 
 class CifarLoader:
@@ -78,14 +96,14 @@ class CifarLoader:
         self._loader.next_epoch = epoch
         iterator = iter(self._loader)
         own_torch_threads()  # FFCV set torch's thread count to its worker count at the epoch start
+        taken = 0
         try:
             for images, labels, indices in iterator:
+                taken += 1
                 yield self._finish(images, indices, epoch), labels, indices
         finally:
             iterator.close()  # an epoch left early would otherwise keep FFCV's worker thread waiting
-            # ...and it still finishes the batches it had room for: wait, so that no numba kernel is running
-            # when the caller moves on (a process exiting mid-kernel aborted: "terminate called ...")
-            iterator.join(timeout=JOIN_SECONDS)
+            _wait_for(iterator, len(self._loader) - taken)
 
 
 class ShardedOrder(TraversalOrder):

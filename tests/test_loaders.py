@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -79,9 +80,13 @@ def test_an_epoch_left_early_leaves_no_loader_thread_running(beton_dir):
                      batches_ahead=3)
     train = build_loader(cfg, "train")
     assert len(train) > 6  # more batches than the thread prepares ahead
-    for _ in train:
-        break
-    assert [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()] == []
+    for taken in (1, len(train) - 2, len(train)):  # ... and left with every remaining batch prepared
+        begin = time.monotonic()
+        for i, _ in enumerate(train):
+            if i + 1 == taken:
+                break
+        assert [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()] == []
+        assert time.monotonic() - begin < 10
 
 
 def test_same_seed_same_batches_with_other_worker_count(loaders, beton_dir):
