@@ -9,6 +9,15 @@ run: seed, final test accuracy (%), wall seconds (training + the per-epoch test 
 One compatibility shim: torch >= 2.7 no longer accepts ReduceLROnPlateau(verbose=...), so the name its
 main.py calls is replaced by a subclass that drops that keyword (it only printed LR cuts).
 
+Its virtualenv (outside the repo): albumentations 1.0.3 (its CoarseDropout arguments are 1.x's), torchsummary
+and scikit-image of its own; torch, torchvision, numpy and OpenCV from fastcifar's .venv through a .pth file
+placed after its own site-packages, so both sides run the same torch build:
+
+    python3 -m venv /tmp/tcw-venv
+    /tmp/tcw-venv/bin/pip install --no-deps albumentations==1.0.3 torchsummary
+    /tmp/tcw-venv/bin/pip install scikit-image
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/tcw-venv/lib/python3.11/site-packages/zz_fastcifar.pth
+    git clone https://github.com/gkdivya/torch_cv_wrapper /tmp/tcw && git -C /tmp/tcw checkout aaa852d
     /tmp/tcw-venv/bin/python scripts/compare_torch_cv_wrapper.py --repo /tmp/tcw \
         --cifar ../shared/data/cifar-10-batches-py --epochs 2 --subset 5000 --seeds 0 1 2
 """

@@ -118,21 +118,28 @@ def test_roles_optimizer_errors_are_one_line(learnable_betons):
         build(build_config({**speedy(learnable_betons), "model": {"name": "airnet", "options": {"depth": 3}}}))
 
 
-def test_bench_speedrun_json(learnable_betons, tmp_path, capsys):
+def bench_json(raw: dict, tmp_path, capsys, command: str, *args: str) -> dict:
+    """`fastcifar bench COMMAND ... --json` on the experiment `raw` written as a YAML file, as a user runs it:
+    the JSON it prints."""
     import json
 
     import yaml
 
     from fastcifar_cli import main
 
-    raw = speedy(learnable_betons, train__epochs=1)
-    raw["eval"] = {"tta": "flip", "tta_last_only": True}
     config = tmp_path / "speedy.yaml"
     config.write_text(yaml.safe_dump(raw))
+    where = [str(config)] if command == "speedrun" else ["--config", str(config)]
     with pytest.raises(SystemExit) as done:
-        main(["bench", "speedrun", str(config), "--runs", "2", "--json"])
+        main(["bench", command, *where, *args, "--json"])
     assert done.value.code == 0
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_speedrun_json(learnable_betons, tmp_path, capsys):
+    raw = speedy(learnable_betons, train__epochs=1)
+    raw["eval"] = {"tta": "flip", "tta_last_only": True}
+    r = bench_json(raw, tmp_path, capsys, "speedrun", "--runs", "2")
     assert len(r["accuracies"]) == 2 and len(r["seconds"]) == 2
     assert r["mean_accuracy"] == pytest.approx(sum(r["accuracies"]) / 2)
     assert r["mean_seconds"] == pytest.approx(sum(r["seconds"]) / 2)
@@ -142,18 +149,21 @@ def test_bench_speedrun_json(learnable_betons, tmp_path, capsys):
 def test_bench_train_takes_the_speed_recipe_with_its_per_role_schedule(learnable_betons, tmp_path, capsys):
     """bench train times the loop without the schedule; a config with scheduler.role_epochs (speed94's) must not
     make that a config error."""
-    import json
-
-    import yaml
-
-    from fastcifar_cli import main
-
     raw = speedy(learnable_betons)
     raw["scheduler"]["role_epochs"] = {"whitening_bias": 1}
-    config = tmp_path / "speedy.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    with pytest.raises(SystemExit) as done:
-        main(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"])
-    assert done.value.code == 0
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = bench_json(raw, tmp_path, capsys, "train", "--batch-size", "50", "--steps", "1")
     assert r["loop_efficiency"] > 0 and r["loop_real_loader"] > 0
+
+
+@pytest.mark.slow
+def test_compile_trains_the_speed_model_as_eager_does_and_speedrun_reports_its_compile_apart(learnable_betons,
+                                                                                              tmp_path, capsys):
+    """speedrun's run 0 (seeds 0) is the eager run below compiled: same experiment, same accuracy to rounding."""
+    raw = speedy(learnable_betons, train__seed=0)
+    raw["data"]["seed"] = 0
+    eager = fit(build_config(raw), RunDir(tmp_path / "eager"))
+
+    raw["train"]["compile"] = True
+    r = bench_json(raw, tmp_path, capsys, "speedrun", "--runs", "1")
+    assert r["compile_seconds"] > 0 and eager[-1]["test_acc"] > 20.0  # chance is 10%
+    assert abs(r["accuracies"][0] - eager[-1]["test_acc"]) <= 2.0
