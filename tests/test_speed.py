@@ -16,7 +16,7 @@ from train.loop import fit
 from train.run import RunDir
 from train.setup import build
 
-from .test_train import tiny
+from .test_train import json_of, tiny
 
 
 def _no_measuring(*args, **kwargs):
@@ -91,18 +91,11 @@ def test_budget_errors_are_one_line(learnable_betons):
 
 
 def test_bench_train_json_reports_both_precisions_and_what_auto_picks(learnable_betons, tmp_path, capsys):
-    import json
-
     import yaml
-
-    from fastcifar_cli import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny(learnable_betons, train__precision="fp32")))
-    with pytest.raises(SystemExit) as done:
-        main(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"])
-    assert done.value.code == 0
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = json_of(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"], capsys)
     for key in ("fp32_nchw", "fp32_channels_last", "bf16_channels_last", "loop_real_loader", "loop_synthetic"):
         assert r[key] > 0
     assert r["auto"] == ("bf16" if r["bf16_channels_last"] > r["fp32_channels_last"] else "fp32")

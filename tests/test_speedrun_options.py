@@ -12,7 +12,7 @@ from train.optim import build_schedule
 from train.run import RunDir
 from train.setup import build
 
-from .test_train import tiny
+from .test_train import json_of, tiny
 
 ROLES = {"filters": {"name": "muon", "lr": 0.2, "momentum": 0.6, "nesterov": True, "ns_steps": 3,
                      "renormalize": True},
@@ -118,28 +118,19 @@ def test_roles_optimizer_errors_are_one_line(learnable_betons):
         build(build_config({**speedy(learnable_betons), "model": {"name": "airnet", "options": {"depth": 3}}}))
 
 
-def bench_json(raw: dict, tmp_path, capsys, command: str, *args: str) -> dict:
-    """`fastcifar bench COMMAND ... --json` on the experiment `raw` written as a YAML file, as a user runs it:
-    the JSON it prints."""
-    import json
-
+def speedy_yaml(raw: dict, tmp_path) -> str:
+    """The experiment `raw` as a YAML file a user would pass to a command: its path."""
     import yaml
-
-    from fastcifar_cli import main
 
     config = tmp_path / "speedy.yaml"
     config.write_text(yaml.safe_dump(raw))
-    where = [str(config)] if command == "speedrun" else ["--config", str(config)]
-    with pytest.raises(SystemExit) as done:
-        main(["bench", command, *where, *args, "--json"])
-    assert done.value.code == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return str(config)
 
 
 def test_bench_speedrun_json(learnable_betons, tmp_path, capsys):
     raw = speedy(learnable_betons, train__epochs=1)
     raw["eval"] = {"tta": "flip", "tta_last_only": True}
-    r = bench_json(raw, tmp_path, capsys, "speedrun", "--runs", "2")
+    r = json_of(["bench", "speedrun", speedy_yaml(raw, tmp_path), "--runs", "2", "--json"], capsys)
     assert len(r["accuracies"]) == 2 and len(r["seconds"]) == 2
     assert r["mean_accuracy"] == pytest.approx(sum(r["accuracies"]) / 2)
     assert r["mean_seconds"] == pytest.approx(sum(r["seconds"]) / 2)
@@ -151,7 +142,8 @@ def test_bench_train_takes_the_speed_recipe_with_its_per_role_schedule(learnable
     make that a config error."""
     raw = speedy(learnable_betons)
     raw["scheduler"]["role_epochs"] = {"whitening_bias": 1}
-    r = bench_json(raw, tmp_path, capsys, "train", "--batch-size", "50", "--steps", "1")
+    r = json_of(["bench", "train", "--config", speedy_yaml(raw, tmp_path), "--batch-size", "50", "--steps", "1",
+                 "--json"], capsys)
     assert r["loop_efficiency"] > 0 and r["loop_real_loader"] > 0
 
 
@@ -164,6 +156,6 @@ def test_compile_trains_the_speed_model_as_eager_does_and_speedrun_reports_its_c
     eager = fit(build_config(raw), RunDir(tmp_path / "eager"))
 
     raw["train"]["compile"] = True
-    r = bench_json(raw, tmp_path, capsys, "speedrun", "--runs", "1")
+    r = json_of(["bench", "speedrun", speedy_yaml(raw, tmp_path), "--runs", "1", "--json"], capsys)
     assert r["compile_seconds"] > 0 and eager[-1]["test_acc"] > 20.0  # chance is 10%
     assert abs(r["accuracies"][0] - eager[-1]["test_acc"]) <= 2.0

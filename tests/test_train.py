@@ -84,6 +84,13 @@ def run_cli(args, capsys):
     return exc.value.code, capsys.readouterr()
 
 
+def json_of(args, capsys) -> dict:
+    """The JSON line a `--json` command prints last, the command having succeeded."""
+    code, out = run_cli(args, capsys)
+    assert code == 0, out.err
+    return json.loads(out.out.strip().splitlines()[-1])
+
+
 def test_cli_train_and_resume(learnable_betons, tmp_path, capsys):
     import yaml
 
