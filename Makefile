@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CIFAR_SOURCE ?= $(wildcard ../shared/data/cifar-10-batches-py)
 export FASTCIFAR_DATA ?= $(CURDIR)/data
 
-.PHONY: run test setup system-deps betons bench clean
+.PHONY: run test setup system-deps betons bench clean gpu-wheels gpu-data gpu-check-dry
 
 # The main job: betons, then the speed recipe under an 8-minute training budget (as many of its 8 epochs as
 # fit on this machine), then its analysis; a complete run is kept, a partial one resumed.
@@ -49,3 +49,24 @@ $(STAMP): pyproject.toml | system-deps
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The GPU check (docs/gpu.md, "Running the GPU check"): what travels to a GPU machine that has torch but no
+# FFCV, grad-cam or ttach and no network. gpu-wheels: FFCV built for GPU_PYTHON (its Python version) with
+# libturbojpeg and OpenCV inside, grad-cam, ttach and fastcifar, into .whl/; gpu-data: the first
+# GPU_TRAIN training and GPU_TEST test images of CIFAR-10, compressed, into .gpu/ (the whole set is too large
+# to travel); gpu-check-dry: the check's dry run on this machine's CPU.
+GPU_PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.*/bin/python) python3.12)
+GPU_TRAIN ?= 12000
+GPU_TEST ?= 4000
+GPU_DATA := .gpu/cifar10_$(GPU_TRAIN)_$(GPU_TEST).npz
+
+gpu-wheels: system-deps
+	scripts/gpu_wheels.sh $(GPU_PYTHON) .whl
+
+gpu-data: $(GPU_DATA)
+
+$(GPU_DATA): | setup
+	$(PY) scripts/gpu_check.py --pack $(or $(CIFAR_SOURCE),$(FASTCIFAR_DATA)) $@ --pack-train $(GPU_TRAIN) --pack-test $(GPU_TEST)
+
+gpu-check-dry: setup
+	$(PY) scripts/gpu_check.py --device cpu --synthetic --out runs/gpu_check_dry

@@ -2,20 +2,25 @@
 
 User errors (`beton.errors.UserError`, bad CLI usage) become one line
 `error: ...` on stderr and exit code 2; `--debug` shows the traceback instead.
+Ctrl-C and SIGTERM: one `train.stop.StopRequest` for the whole command; the stop ends as one line
+`interrupted: <where>; continue with: <command>` on stderr and exit code 128 + the signal's number.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 
 import click
 import typer
 from typer.exceptions import TyperException
 
-from analysis.cli import analyze_command
+from analysis.cli import analyze_command, compare_command
 from beton.cli import app as beton_app
 from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
-from train.cli import AFTER_RUN, bench_speedrun_command, bench_train_command, lr_find_command, models_command, sweep_command, train_command
+from train.cli import AFTER_RESULTS, AFTER_RUN, bench_speedrun_command, bench_train_command, lr_find_command, models_command, sweep_command, train_command
+from train.stop import StopRequest
 
 app = typer.Typer(
     help="fastcifar: fast CIFAR training on FFCV betons with JIT augmentations.\n\n"
@@ -36,6 +41,7 @@ app.command("sweep")(sweep_command)
 app.command("models")(models_command)
 app.command("lr-find")(lr_find_command)
 app.command("analyze")(analyze_command)
+app.command("compare")(compare_command)
 
 
 def _analyze_run(run_dir) -> None:
@@ -45,10 +51,18 @@ def _analyze_run(run_dir) -> None:
     analyze(run_dir, log=typer.echo)
 
 
+def _compare_sweep(out, runs) -> None:
+    """A sweep's runs side by side, beside its results.md (train calls it, as it does the analysis)."""
+    from analysis.compare import COMPARE, compare
+
+    compare(runs, out / COMPARE, title=f"sweep {out}")
+
+
 @app.callback()
 def _root(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
     """fastcifar: fast CIFAR training on FFCV betons with JIT augmentations."""
-    ctx.obj = {AFTER_RUN: _analyze_run}  # `train` and `sweep` run it after each run (unless --no-analyze)
+    # `train` and `sweep` run the analysis after each run, `sweep` the comparison after each (unless --no-analyze)
+    ctx.obj = {AFTER_RUN: _analyze_run, AFTER_RESULTS: _compare_sweep}
 
 
 def _fail(message: str) -> None:
@@ -59,9 +73,15 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with StopRequest(quiet=os.environ.get("RANK", "0") != "0") as stop:  # torchrun: rank 0 alone speaks
+        _run(argv, stop)
+
+
+def _run(argv: list[str], stop: StopRequest) -> None:
     debug = "--debug" in argv
-    try:
-        result = typer.main.get_command(app).main(args=argv, prog_name="fastcifar", standalone_mode=False)
+    try:  # what no phase defers (start-up, beton writing, benchmarks) stops at once: it writes atomically
+        result = stop.abandonable(typer.main.get_command(app).main, args=argv, prog_name="fastcifar",
+                                  standalone_mode=False, where="stopped before it finished; nothing was half-written")
     except UserError as e:
         if debug:
             raise
@@ -74,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         _fail(e.format_message())
     except Interrupted as e:
-        if str(e):
-            print(str(e), file=sys.stderr)
-        sys.exit(130)
+        if not stop.quiet:
+            print(f"interrupted: {e.where}; continue with: {e.then or shlex.join(['fastcifar', *argv])}",
+                  file=sys.stderr)
+        sys.exit(stop.exit_code)
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

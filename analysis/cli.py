@@ -1,8 +1,8 @@
-"""`fastcifar analyze RUN_DIR`."""
+"""`fastcifar analyze RUN_DIR` and `fastcifar compare RUN...`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -26,7 +26,26 @@ def analyze_command(
 
     Example: fastcifar analyze runs/quickstart
     """
+    from train.stop import abandonable
+
     from .report import analyze
 
-    analyze(run_dir, checkpoint=checkpoint, n=n, pick=pick, seed=seed, layer=layer,
-            allow_small_layer=allow_small_layer, method=method, target=target, log=typer.echo)
+    # a stop request ends it at once: its files are written atomically, report.md last
+    abandonable(analyze, run_dir, checkpoint=checkpoint, n=n, pick=pick, seed=seed, layer=layer,
+                allow_small_layer=allow_small_layer, method=method, target=target, log=typer.echo,
+                where=f"the analysis of {run_dir} stopped before its report.md was written")
+
+
+def compare_command(
+    runs: List[Path] = typer.Argument(..., help="Run folders (each with config.yaml and metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The PNG to write (default: compare.png in the "
+                                       "folder holding the runs)."),
+) -> None:
+    """Draw runs side by side: test accuracy and loss per epoch overlaid, the LR of every step beside them,
+    each run named by what differs between the configs.
+
+    Example: fastcifar compare runs/smoke/seed_c runs/smoke/seed_d
+    """
+    from .compare import compare
+
+    typer.echo(f"wrote {compare(list(runs), out)}")

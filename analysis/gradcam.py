@@ -1,6 +1,6 @@
 """Grad-CAM (pytorch-grad-cam) on a run's model: the target layer rule and one batched CAM call.
 
-The layer rule (design.md): Grad-CAM never targets a layer whose feature map is smaller
+The layer rule (docs/design.md): Grad-CAM never targets a layer whose feature map is smaller
 than 5 x 5. Feature-map sizes come from forward hooks on one input of the training size
 (32 x 32). The default layer is the deepest candidate whose output is at least 5 x 5,
 "deepest" meaning the last to finish in the forward pass. Candidates:

@@ -131,8 +131,10 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     device, precision = _device_and_precision(cfg)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).eval()
-    return LoadedRun(run, cfg, path, int(state.get("epoch", 0)), list(state.get("history", [])), model, device,
-                     precision, classes, list(manifest["mean"]), list(manifest["std"]), Path(cfg.data.folder()))
+    return LoadedRun(run=run, cfg=cfg, checkpoint=path, epoch=int(state.get("epoch", 0)),
+                     history=list(state.get("history", [])), model=model, device=device, precision=precision,
+                     classes=classes, mean=list(manifest["mean"]), std=list(manifest["std"]),
+                     folder=Path(cfg.data.folder()))
 
 
 def test_loader(cfg: ExperimentConfig, device: torch.device, dtype: torch.dtype):

@@ -1,7 +1,7 @@
 """`analyze(run_dir)`: everything `fastcifar analyze` writes into a run folder.
 
 predictions.npz  logits (float32 N x K), labels, dataset indices of the whole test split
-curves.png       train/test loss, train/test accuracy, LR schedule
+curves.png       train/test loss, train/test accuracy, the LR of every step (per parameter role)
 misclassified.png  N misclassified test images, "true / predicted (confidence%)"
 gradcam.png      Grad-CAM overlays on the same N images, same order
 confusion.png    confusion matrix, counts and row-normalised
@@ -27,9 +27,10 @@ import torch
 from beton.atomic import atomic_write_text
 from beton.errors import UserError
 from fastloader.loaders import read_split
+from train.config import ExperimentConfig
 from train.models import count_parameters
 
-from . import confusion, curves, gradcam, plots
+from . import confusion, curves, gradcam, plots, schedule
 from .gallery import check_pick, pick_misclassified, plot_gallery, titles
 from .predictions import LoadedRun, Predictions, load_run, predict, test_loader
 
@@ -128,15 +129,19 @@ def analyze(run_dir: str | Path, checkpoint: str = "best", n: int = 20, pick: st
                            empty_text="no misclassified test images", factor=1)
     plots.save(fig, files["gradcam"])
     metrics = loaded.run.metrics() or loaded.history
-    trace = curves.replay_lr(loaded.cfg, metrics, curves.steps_per_epoch(loaded.cfg, _train_count(loaded)))
-    curves.plot_curves(metrics, files["curves"], trace, title=f"{name}: {loaded.cfg.model.name}")
+    count = schedule.train_count(loaded.cfg)
+    trace = schedule.replay_lr(loaded.cfg, metrics, count and schedule.steps_per_epoch(loaded.cfg, count), loaded.model)
+    curves.plot_curves(metrics, files["curves"], trace, title=f"{name}: {loaded.cfg.model.name}",
+                       best_on=loaded.cfg.train.select_best_on)
     confusion.plot_confusion(matrix, loaded.classes, files["confusion"],
                              title=f"{name}: test accuracy {preds.accuracy:.2f}% ({checkpoint} checkpoint)")
 
-    result = Analysis(loaded, preds, positions, [int(i) for i in indices], [int(i) for i in indices],
-                      [int(c) for c in true], [int(c) for c in predicted], [round(float(c), 6) for c in confidence],
-                      layer_name, tuple(layer_size), method, target, cams, cam_inputs, cam_net, matrix, per_class,
-                      pairs, note, files, seconds)
+    result = Analysis(loaded=loaded, predictions=preds, positions=positions, indices=[int(i) for i in indices],
+                      gradcam_indices=[int(i) for i in indices], true=[int(c) for c in true],
+                      predicted=[int(c) for c in predicted], confidence=[round(float(c), 6) for c in confidence],
+                      layer=layer_name, layer_size=tuple(layer_size), method=method, target=target, cams=cams,
+                      cam_inputs=cam_inputs, cam_model=cam_net, matrix=matrix, per_class=per_class,
+                      most_confused=pairs, note=note, files=files, seconds=seconds)
     seconds["total"] = time.perf_counter() - start
     atomic_write_text(files["analysis"], json.dumps(_summary(result, n, pick, seed, checkpoint), indent=1) + "\n")
     atomic_write_text(files["report"], _report_md(result, metrics, checkpoint, pick, seed))
@@ -152,12 +157,6 @@ def analyze(run_dir: str | Path, checkpoint: str = "best", n: int = 20, pick: st
         f"{layer_size[0]}x{layer_size[1]}) {seconds['gradcam']:.1f} s, total {seconds['total']:.1f} s")
     log(f"wrote {', '.join(FILES.values())} to {out}")
     return result
-
-
-def _train_count(loaded: LoadedRun) -> int:
-    from beton.manifest import read_manifest
-
-    return int(read_manifest(loaded.folder)["splits"]["train"]["count"])
 
 
 def _summary(a: Analysis, n: int, pick: str, seed: int, checkpoint: str) -> dict:
@@ -213,6 +212,108 @@ def _fmt_aug(entry) -> str:
     return str(entry)
 
 
+def _optimizer_text(name: str, group: dict, onecycle=None) -> str:
+    """One optimizer's settings as built (`group`: its param group, or the config section). `onecycle`: the
+    scheduler section where onecycle sets the LR (and, cycling momentum, the momentum or Adam's beta1)."""
+    cycled = onecycle is not None and onecycle.cycle_momentum
+    parts = [name, "LR from the schedule" if onecycle is not None else f"lr {_fmt(group['lr'])}"]
+    if name in ("sgd", "muon") and group.get("momentum"):
+        parts.append("momentum from the schedule" if cycled else f"momentum {_fmt(group['momentum'])}")
+        parts += ["nesterov"] if group.get("nesterov") else []
+    if name in ("adam", "adamw"):
+        betas = (f"beta1 from the schedule, beta2 {_fmt(group['betas'][1])}" if cycled
+                 else f"betas {_fmt(list(group['betas']))}")
+        parts.append(f"{betas}, eps {_fmt(group['eps'])}")
+    if group.get("weight_decay"):
+        parts.append(f"weight decay {_fmt(group['weight_decay'])}")
+    if name == "muon":
+        parts.append(f"{group['ns_steps']} Newton-Schulz steps")
+        parts += ["filters renormalised"] if group.get("renormalize") else []
+    return ", ".join(parts)
+
+
+def optimizer_rows(cfg: ExperimentConfig, model=None) -> list[tuple[str, str]]:
+    """The report's optimizer row(s). With `optimizer.name: roles`, one per parameter role the model has, read
+    from the optimizer training builds (so a role's defaults show too; the top-level lr and weight decay, which
+    no role uses, do not)."""
+    opt = cfg.optimizer
+    onecycle = cfg.scheduler if cfg.scheduler.name == "onecycle" else None
+    if opt.name != "roles":
+        text = _optimizer_text(opt.name, vars(opt), onecycle)
+        if opt.no_decay_norm_bias and opt.weight_decay:
+            text += " (none on norm weights and biases)"
+        return [("optimizer", text)]
+    built = schedule.stand_in_optimizer(cfg, model)
+    return [(f"optimizer: {group['role']}", _optimizer_text(opt.roles[group["role"]]["name"], group, onecycle))
+            for group in built.param_groups]
+
+
+def scheduler_text(cfg: ExperimentConfig) -> str:
+    """The scheduler row, with the values config.yaml holds resolved (max_lr found by the range test is a number)."""
+    sched = cfg.scheduler
+    if sched.name == "onecycle":
+        max_lr = sched.max_lr if sched.max_lr is not None else cfg.optimizer.lr
+        start = f"start_lr {_fmt(sched.start_lr)}" if sched.start_lr is not None else f"div {_fmt(sched.div_factor)}"
+        peak = (f"peak epoch {_fmt(sched.peak_epoch)}" if sched.peak_epoch is not None
+                else f"pct_start {_fmt(sched.pct_start)}")
+        return (f"onecycle per batch (max_lr {_fmt(max_lr)} for every parameter group, {start}, {peak}, "
+                f"final div {_fmt(sched.final_div_factor)}, {sched.anneal_strategy} annealing"
+                f"{', three phases' if sched.three_phase else ''}"
+                f"{', momentum cycled 0.95 -> 0.85 -> 0.95' if sched.cycle_momentum else ''})")
+    if sched.name == "step":
+        return f"step per epoch (x {_fmt(sched.gamma)} every {sched.step_size} epochs)"
+    if sched.name == "plateau":
+        return (f"plateau on {sched.monitor} ({sched.mode}; x {_fmt(sched.factor)} after {sched.patience} epochs "
+                f"without a relative improvement of {_fmt(sched.threshold)}, min_lr {_fmt(sched.min_lr)})")
+    if sched.name == "cosine":
+        return f"cosine per batch over the run, from each LR to {_fmt(sched.eta_min)}"
+    if sched.name == "linear":
+        end = "0" if sched.end_factor == 0 else f"{_fmt(sched.end_factor)} x each group's LR"
+        text = f"linear per batch: warm-up {_fmt(sched.warmup_epochs)} epochs, then down to {end} at the last step"
+        if sched.role_epochs:
+            text += "; " + ", ".join(f"{role} over its first {_fmt(e)} epochs" for role, e in sched.role_epochs.items())
+        return text
+    return f"{sched.name} (constant LR)" if sched.name == "none" else sched.name
+
+
+def config_rows(cfg: ExperimentConfig, model: torch.nn.Module) -> list[tuple[str, str]]:
+    """The report's Config table: what the run used, from its saved config.yaml (resolved values) and `model`."""
+    data, train, ev = cfg.data, cfg.train, cfg.eval
+    images = []
+    if data.subset:
+        images.append(f"first {data.subset:,} train images")
+    if data.val_split:
+        images.append(f"{data.val_split:,} of them held out for validation")
+    if data.test_subset:
+        images.append(f"first {data.test_subset:,} test images")
+    training = [f"{train.epochs} epochs", f"precision {train.precision}",
+                f"label smoothing {_fmt(train.label_smoothing)}", f"seed {train.seed}"]
+    if train.grad_clip_value is not None:
+        training.append(f"each gradient element clipped to +-{_fmt(train.grad_clip_value)}")
+    if train.grad_clip is not None:
+        training.append(f"gradient norm clipped to {_fmt(train.grad_clip)}")
+    if train.whitening_bias_epochs is not None:
+        training.append(f"whitening bias trained for the first {train.whitening_bias_epochs} epochs")
+    if train.ema_decay is not None:
+        training.append(f"evaluated on an EMA of the weights (decay {_fmt(train.ema_decay)} "
+                        f"every {train.ema_every} steps)")
+    if ev.tta == "none":
+        evaluation = "no test-time augmentation"
+    else:
+        shift = f" (shift {ev.tta_shift})" if ev.tta == "flip_translate" else ""
+        parts = [f"test-time augmentation {ev.tta}{shift}"]
+        if ev.tta_fraction < 1:
+            parts.append(f"on the {_fmt(100 * ev.tta_fraction)}% least confident images of each batch")
+        if ev.tta_last_only:
+            parts.append("last epoch and this analysis only")
+        evaluation = ", ".join(parts)
+    return ([("model", f"{cfg.model.name} ({cfg.model.norm} norm), {count_parameters(model):,} parameters"),
+             ("data", ", ".join([f"{data.dataset}, batch {data.batch_size}"] + images)),
+             ("augmentation", ", ".join(_fmt_aug(e) for e in data.augment) or "none")]
+            + optimizer_rows(cfg, model)
+            + [("scheduler", scheduler_text(cfg)), ("training", ", ".join(training)), ("evaluation", evaluation)])
+
+
 def _report_md(a: Analysis, metrics: list[dict], checkpoint: str, pick: str, seed: int) -> str:
     cfg = a.loaded.cfg
     p = a.predictions
@@ -224,28 +325,7 @@ def _report_md(a: Analysis, metrics: list[dict], checkpoint: str, pick: str, see
     lines += [f"Checkpoint: `{a.loaded.checkpoint.name}` ({checkpoint}, after epoch {a.loaded.epoch} of "
               f"{cfg.train.epochs}); analysed {stamp} by `fastcifar analyze`.", ""]
 
-    sched = cfg.scheduler
-    sched_text = sched.name
-    if sched.name == "onecycle":
-        peak = f"peak epoch {sched.peak_epoch:g}" if sched.peak_epoch is not None else f"pct_start {sched.pct_start:g}"
-        max_lr = sched.max_lr if sched.max_lr is not None else cfg.optimizer.lr
-        sched_text += f" (max_lr {_fmt(max_lr)}, {peak}, div {sched.div_factor:g}, final div {sched.final_div_factor:g})"
-    elif sched.name == "step":
-        sched_text += f" (step {sched.step_size}, gamma {sched.gamma:g})"
-    elif sched.name == "plateau":
-        sched_text += f" (factor {sched.factor:g}, patience {sched.patience}, min_lr {sched.min_lr:g})"
-    opt = cfg.optimizer
-    opt_text = f"{opt.name}, lr {opt.lr:g}, weight decay {opt.weight_decay:g}"
-    if opt.name == "sgd":
-        opt_text += f", momentum {opt.momentum:g}{', nesterov' if opt.nesterov else ''}"
-    rows = [("model", f"{cfg.model.name} ({cfg.model.norm} norm), {count_parameters(a.loaded.model):,} parameters"),
-            ("data", f"{cfg.data.dataset}, batch {cfg.data.batch_size}"
-                     f"{f', first {cfg.data.subset:,} train images' if cfg.data.subset else ''}"),
-            ("augmentation", ", ".join(_fmt_aug(e) for e in cfg.data.augment) or "none"),
-            ("optimizer", opt_text),
-            ("scheduler", sched_text),
-            ("training", f"{cfg.train.epochs} epochs, precision {cfg.train.precision}, "
-                         f"label smoothing {cfg.train.label_smoothing:g}, seed {cfg.train.seed}")]
+    rows = config_rows(cfg, a.loaded.model)
     lines += ["## Config", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 
     lines += ["## Final metrics", ""]

@@ -1,4 +1,4 @@
-"""CIFAR sources -> lossless FFCV betons + manifest.json (see design.md, `beton/`)."""
+"""CIFAR sources -> lossless FFCV betons + manifest.json (see docs/design.md, `beton/`)."""
 from .errors import UserError
 from .manifest import FileCheck, build_manifest, read_manifest, verify, write_manifest
 from .sources import Source, Split, find_source, read_source

@@ -10,4 +10,12 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """The user stopped a command (Ctrl-C, SIGTERM) and its state was saved; the message says how to go on."""
+    """The user stopped a command (Ctrl-C, SIGTERM); what was complete is kept.
+
+    `where`: one line on where it stopped and what is kept; `then`: the command that continues (None:
+    the same command again). The CLI prints `interrupted: <where>; continue with: <then>`.
+    """
+
+    def __init__(self, where: str, then: str | None = None):
+        super().__init__(where)
+        self.where, self.then = where, then

@@ -108,7 +108,7 @@ def ffcv_builtin_loader(beton: Path, workers: int):
     pipelines = {
         "image": [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4), Cutout(16),
                   ToTensor(), ToTorchImage(channels_last=True, convert_back_int16=False)],
-        "label": [IntDecoder(), ToTensor(), Squeeze()],
+        "label": [IntDecoder(), ToTensor(), Squeeze(1)],  # labels of N, even N = 1 (loaders.int_column)
         "index": None,
     }
     return Loader(str(beton), batch_size=BATCH, num_workers=workers, order=OrderOption.RANDOM,

@@ -11,7 +11,7 @@ normalisation for float output, `+ 0.5` rounding for uint8. Cutout boxes are
 written last, and the first one is skipped by the sampling loop (a 16x16 box
 is a quarter of a CIFAR image that need not be computed).
 
-Speed notes (2-core numbers in the README): float32 arithmetic and fastmath
+Speed notes (2-core numbers in docs/benchmarks.md): float32 arithmetic and fastmath
 roughly halve the bilinear cost against float64; a source converted to float32
 once (for maps that interpolate) saves three uint8 conversions per tap; a
 generic per-pixel loop over the op list cost 10x, hence the per-sample flags.

@@ -1,4 +1,4 @@
-"""Train and test loaders over the betons, yielding the batch contract of design.md.
+"""Train and test loaders over the betons, yielding the batch contract of docs/design.md.
 
 A batch is `(images, labels)`: images float N x 3 x H x W, channels_last,
 normalised with the manifest's train mean/std, in the compute dtype, on the
@@ -151,17 +151,32 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def int_column() -> list:
+    """FFCV ops that turn an int field's N x 1 batch into an int64 tensor of N, for every N. A bare `Squeeze()`
+    squeezes every dimension of size 1: a final batch of one image became a 0-d tensor, which cross_entropy
+    refused on the CPU and FFCV's `ToDevice` (slicing `[:N]` on its loader thread) failed on, so the loop
+    waited forever on CUDA. Squeezing only the field's own dimension keeps the batch dimension."""
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
 def _ffcv_loader(path: Path, batch_size: int, workers: int, order: str, seed: int, indices, drop_last: bool,
                  batches_ahead: int, os_cache: bool, image_ops: list, device: torch.device, train: bool,
                  shard: bool) -> Loader:
     """FFCV's Loader for one split; `batch_size` is global, each rank of a distributed run takes its share
     (unless not `shard`: rank 0's analysis reads the whole split while the process group lives on)."""
-    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    # A blocking copy, on FFCV's loader thread: FFCV (1.0.2) fills a ring of batches_ahead + 2 pinned host
+    # buffers and copies each to the GPU on that slot's stream, after a device-side wait for the main stream
+    # (loader/epoch_iterator.py:62-68, 127-129; transforms/ops.py:56). Its thread refills a slot as soon as the
+    # loop has taken the batch after that slot's (a Queue of batches_ahead, line 43), and nothing makes the host
+    # wait for the slot's earlier copy: with non_blocking=True, a loop running more than ~batches_ahead batches
+    # ahead of the GPU (it reads results back every 10) could have a batch's pixels rewritten before they reach
+    # the GPU. Blocking, the thread finishes each copy before it touches the slot again (the main thread runs on).
+    to_device = [ToDevice(device, non_blocking=False)] if device.type == "cuda" else []
     pipelines = {
         schema.IMAGE: [SimpleRGBImageDecoder(), *image_ops, ToTensor(), *to_device,
                        ToTorchImage(channels_last=True, convert_back_int16=False)],
-        schema.LABEL: [IntDecoder(), ToTensor(), Squeeze(), *to_device],
-        schema.INDEX: [IntDecoder(), ToTensor(), Squeeze()],
+        schema.LABEL: [*int_column(), *to_device],
+        schema.INDEX: int_column(),
     }
     rank, world = _world() if shard else (0, 1)
     if world > 1:

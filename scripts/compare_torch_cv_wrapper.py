@@ -1,11 +1,12 @@
 """Run seed A's own code (gkdivya/torch_cv_wrapper, a checkout given by path) on the comparison recipe.
 
 The peer's code is never copied here: this script imports it from --repo (a checkout at commit aaa852d),
-in its own virtualenv (albumentations 1.x, torchsummary; see the README), and drives its
+in its own virtualenv (albumentations 1.x, torchsummary; set up below), and drives its
 `TriggerEngine.run_experiment` with seed A's EVA config (Adam 1e-3, weight decay 1e-4, batch 256,
 ReduceLROnPlateau on test accuracy, ResNet18 with LayerNorm, gradient clipping by value 0.1), on the
 first --subset training images and the full test split, once per seed. It prints one JSON line per
-run: seed, final test accuracy (%), wall seconds (training + the per-epoch test passes).
+run: seed, final test accuracy (%), wall seconds (training + the per-epoch test passes); the measured
+runs are in docs/results.md.
 One compatibility shim: torch >= 2.7 no longer accepts ReduceLROnPlateau(verbose=...), so the name its
 main.py calls is replaced by a subclass that drops that keyword (it only printed LR cuts).
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from beton.errors import UserError
 from beton.manifest import read_manifest
@@ -257,3 +259,63 @@ def test_predictions_copy_reused_buffers_and_folding_keeps_the_logits():
         direct = model(images).numpy()
     assert np.array_equal(folded.indices, np.arange(12)) and np.array_equal(folded.labels, labels.numpy())
     assert np.allclose(plain.logits, direct, atol=1e-5) and np.allclose(folded.logits, direct, atol=1e-4)
+
+
+# ---------------------------------------------------------------- report.md's Config table: what ran
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def saved_config(raw: dict, overrides=()):
+    """What analysis reads: a config as the run's config.yaml holds it (resolved values), read back."""
+    from train.config import build_config
+
+    return build_config(yaml.safe_load(yaml.safe_dump(build_config(raw, list(overrides)).to_dict())))
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return create_model(cfg.model, num_classes=10)
+
+
+def test_report_lists_each_roles_optimizer_and_lr_not_the_unused_top_level_ones():
+    from analysis.report import config_rows
+    from train.config import load_raw
+
+    raw = load_raw(CONFIGS / "speed94.yaml")
+    raw["optimizer"]["roles"]["filters"] = {"name": "muon", "lr": 0.2}  # Muon's defaults ran: they show
+    cfg = saved_config(raw, ["train.precision=bf16", "train.epochs=5"])  # what auto and a budget resolved to
+    rows = dict(config_rows(cfg, meta_model(cfg)))
+    assert [k for k in rows if k.startswith("optimizer")] == [
+        "optimizer: filters", "optimizer: norm_biases", "optimizer: whitening_bias", "optimizer: head"]
+    assert rows["optimizer: filters"] == "muon, lr 0.2, momentum 0.95, nesterov, 5 Newton-Schulz steps"
+    assert rows["optimizer: norm_biases"] == "sgd, lr 106, momentum 0.85, nesterov, weight decay 3.77e-05"
+    assert rows["optimizer: head"] == "sgd, lr 1340, momentum 0.85, nesterov, weight decay 2.985e-06"
+    assert not any("lr 0.05" in v or "0.0005" in v for v in rows.values())  # the top-level defaults no role used
+    assert rows["scheduler"] == ("linear per batch: warm-up 0 epochs, then down to 0 at the last step; "
+                                 "whitening_bias over its first 3 epochs")
+    assert rows["training"].startswith("5 epochs, precision bf16, label smoothing 0.2, seed 0")
+    assert rows["evaluation"] == "test-time augmentation flip_translate (shift 1), last epoch and this analysis only"
+
+
+def test_report_says_what_onecycle_set_and_which_images_trained():
+    """max_lr and start_lr as the range test resolved them (config.yaml holds the numbers); onecycle sets every
+    LR and cycles the momentum, so the optimizer row gives neither as a number; the validation split's images
+    are not trained on."""
+    from analysis.report import config_rows
+
+    from .train_fixtures import tiny
+
+    raw = tiny("/nowhere")
+    raw["data"].update(subset=900, val_split=100)
+    raw["scheduler"].update(max_lr=0.0123, start_lr=0.00041, peak_epoch=1)
+    raw["optimizer"].update(weight_decay=5e-4, no_decay_norm_bias=True)
+    cfg = saved_config(raw)
+    rows = dict(config_rows(cfg, meta_model(cfg)))
+    assert rows["optimizer"] == ("sgd, LR from the schedule, momentum from the schedule, nesterov, weight decay 0.0005 "
+                                 "(none on norm weights and biases)")
+    assert rows["scheduler"].startswith("onecycle per batch (max_lr 0.0123 for every parameter group, start_lr 0.00041, "
+                                        "peak epoch 1, final div 10000, cos annealing, momentum cycled")
+    assert rows["data"] == "cifar10, batch 100, first 900 train images, 100 of them held out for validation"
+    assert rows["evaluation"] == "no test-time augmentation"

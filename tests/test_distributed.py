@@ -175,3 +175,103 @@ def test_ctrl_c_under_torchrun_saves_once_mid_epoch_and_resumes(learnable_betons
     history = fit(build_config(RunDir(run).config()), RunDir(run), resume=True)
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert f"after epoch 2, batch {state['partial']['batch']}" in (run / "train.log").read_text()
+
+
+def speed_config(betons) -> dict:
+    """configs/speed94.yaml shrunk: airnet 16/32/32 wide on 200 images, its parameter roles and linear schedule,
+    the whitening bias trained for epoch 1 of 2. GroupNorm, so that 2 ranks x 50 images compute what 1 process x
+    100 does, and the filters on Nesterov SGD instead of Muon: torch's Muon orthogonalises in bfloat16, which
+    turns the last-bit differences of a gradient averaged over ranks into 1e-2 ones. The SGD LRs are rescaled
+    from the recipe's batch of 2000 to 100. The whitening bias's LR decays over both epochs, not over its one:
+    had a rank not frozen it, it would move in epoch 2."""
+    raw = yaml.safe_load((ROOT / "configs" / "speed94.yaml").read_text())
+    raw["model"].update(norm="layer", options={"widths": [16, 32, 32]})
+    raw["data"].update(beton_dir=str(betons), batch_size=100, subset=200, test_subset=100, workers=1)
+    roles = raw["optimizer"]["roles"]
+    roles["filters"] = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}
+    for role in ("norm_biases", "whitening_bias", "head"):
+        roles[role]["lr"] *= 100 / 2000
+    raw["scheduler"]["role_epochs"] = {"whitening_bias": 2}
+    raw["train"].update(epochs=2, whitening_bias_epochs=1, precision="fp32", seed=1, dist_timeout=60)
+    raw["eval"] = {"tta": "none"}
+    return raw
+
+
+@pytest.mark.slow
+def test_the_speed_recipe_freezes_its_whitening_bias_under_torchrun_as_one_process_does(
+        learnable_betons, tmp_path, whole_machine):
+    # DDP reduces the parameters that required grad when it was built: freezing one later failed the next step
+    config = tmp_path / "speed.yaml"
+    config.write_text(yaml.safe_dump(speed_config(learnable_betons)))
+    code, out, _ = torchrun(tmp_path / "rec", ["train", str(config), "--out", str(tmp_path / "run"), "--no-analyze"])
+    assert code == 0, out
+    a, b = (torch.load(tmp_path / "rec" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    single = RunDir(tmp_path / "single")
+    fit(build_config(speed_config(learnable_betons)), single, stop_after=1)
+    bias_after_epoch_1 = torch.load(single.last, weights_only=True)["model"]["stem.whiten.bias"]
+    fit(build_config(speed_config(learnable_betons)), single, resume=True)
+    final = torch.load(single.last, weights_only=True)["model"]
+    assert torch.equal(final["stem.whiten.bias"], bias_after_epoch_1)  # frozen for epoch 2
+    assert all(torch.allclose(final[k], a[k], atol=1e-3, rtol=1e-3) for k in final)
+    for d, s in zip(RunDir(tmp_path / "run").metrics(), single.metrics(), strict=True):
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sync_bn_with_a_budget_times_on_every_rank(learnable_betons, tmp_path):
+    # SyncBatchNorm all-reduces in each training forward: the budget's timed steps on rank 0 alone left the other
+    # rank waiting until dist_timeout (the range test's lockstep: test_range_tests_of_all_ranks_stop_at_the_same_step)
+    raw = tiny(learnable_betons, model__sync_bn=True, train__precision="fp32", train__epochs=1, train__budget="1h",
+               train__dist_timeout=20, data__subset=400, data__test_subset=100, data__workers=1)
+    config = tmp_path / "sync.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    code, out, seconds = torchrun(tmp_path / "rec", ["train", str(config), "--out", str(tmp_path / "run"),
+                                                     "--no-analyze"], env={"GLOO_SYNC_BN": "1"})
+    assert code == 0, out
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train.budget 1h: 1 epochs" in log
+    a, b = (torch.load(tmp_path / "rec" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("running_mean") for k in a)  # BatchNorm, synchronised
+
+
+def _range_test_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a range test whose rank 1 sees inputs 30x larger: alone, its loss would diverge sooner."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from train.hardware import resolve_precision
+    from train.lr_find import range_test
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+        g = torch.Generator().manual_seed(rank)
+        batches = [(torch.randn(8, 3, 2, 2, generator=g) * (30.0 if rank else 1.0), torch.randint(0, 4, (8,), generator=g))
+                   for _ in range(5)]
+        cpu = torch.device("cpu")
+        result = range_test(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), precision=resolve_precision(
+            "fp32", cpu), device=cpu, start=1e-4, end=100.0, iters=80, progress=False)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result["steps"]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_range_tests_of_all_ranks_stop_at_the_same_step(tmp_path):
+    # each rank stopping on its own losses ran a different number of forwards: with SyncBatchNorm, a hang
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_range_test_on_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1] < 80, steps

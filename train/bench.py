@@ -19,8 +19,8 @@ from typing import Iterator
 
 import torch
 
-from .config import ExperimentConfig
-from .hardware import resolve_precision, reusing_freed_memory
+from .config import ExperimentConfig, SchedulerConfig
+from .hardware import cuda_precision, resolve_precision, reusing_freed_memory
 from .loop import train_epoch
 from .setup import build
 from .speed import rate, step_rate, synthetic_batch
@@ -65,8 +65,18 @@ class _Limited:
             yield batch
 
 
+def loop_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What the benchmark trains: `cfg`'s model, data, optimizer and precision for one epoch at a constant LR
+    and eager. The scheduler section is the default one named "none", not `cfg`'s renamed: keys that only
+    the config's own schedule accepts (start_lr, role_epochs) would make the derived config invalid. Made
+    before anything is timed, so a config it cannot run fails at once."""
+    return replace(cfg, scheduler=SchedulerConfig(name="none"),
+                   train=replace(cfg.train, epochs=1, compile=False, budget=None))
+
+
 def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
-    s = build(cfg)
+    s = build(loop_config(cfg))
+    cfg = s.cfg
     device, n, classes = s.device, cfg.data.batch_size, len(s.classes)
     results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads(),
                "reuse_memory": reusing_freed_memory()}
@@ -75,7 +85,7 @@ def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
         results[key] = rate(s.model, cfg.optimizer, resolve_precision(name, device), device, n, classes, steps,
                             channels_last)
     if device.type == "cuda":
-        results["auto"] = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        results["auto"] = cuda_precision(device)
     else:
         results["auto"] = "bf16" if results["bf16_channels_last"] > results["fp32_channels_last"] else "fp32"
     results["precision"] = s.precision.name
@@ -85,12 +95,11 @@ def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
     if compile:
         results.update(_compiled(s, steps))
 
-    timed = replace(s, cfg=replace(cfg, scheduler=replace(cfg.scheduler, name="none", role_epochs={}),
-                                   train=replace(cfg.train, epochs=1, compile=False)))
     synthetic = _Repeat(tuple(x.clone() for x in next(iter(s.train_loader))), steps)  # FFCV reuses buffers
     for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(s.train_loader, steps))):
-        t = start(replace(timed, train_loader=loader))
-        p = train_epoch(replace(timed, train_loader=loader), t, 0)
+        timed = replace(s, train_loader=loader)
+        t = start(timed)
+        p = train_epoch(timed, t, 0)
         results[key] = p.count / p.seconds
     results["loop_efficiency"] = results["loop_real_loader"] / results["loop_synthetic"]
     return results

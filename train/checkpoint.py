@@ -66,7 +66,21 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> str | None:
+    """Restore what `rng_state` saved; returns a line for the log saying what could not be (None: all was).
+
+    A checkpoint holds one CUDA generator state per GPU visible when it was written. Resumed where
+    fewer are visible (or none), the first ones are restored and the others dropped; where more are,
+    the extra GPUs keep their own state. (`torch.cuda.set_rng_state_all` raised IndexError instead.)
+    """
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, generator in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(generator, index)
+    if len(saved) == visible:
+        return None
+    told = f"the checkpoint holds the CUDA random state of {len(saved)} GPU(s), {visible} are visible here: "
+    if len(saved) > visible:
+        return told + f"those of GPUs {visible}..{len(saved) - 1} were not restored"
+    return told + f"GPUs {len(saved)}..{visible - 1} keep their own"

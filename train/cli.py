@@ -9,24 +9,33 @@ from typing import Callable, List, Optional
 
 import typer
 
-from beton.errors import UserError
+from beton.errors import Interrupted, UserError
 
 RUNS = Path("runs")
 AfterRun = Callable[[Path], None]
 AFTER_RUN = "after_run"  # key of the CLI context: what follows each finished run (the root passes the analysis,
 # which train may not import: dependencies flow beton <- fastloader <- train -> analysis)
+AFTER_RESULTS = "after_results"  # key of the CLI context: what follows each rewrite of a sweep's results.md
+# (the root passes the side-by-side figure of the sweep's runs, from analysis too)
 
 
-def _after_run_of(ctx: typer.Context, analyze: bool) -> AfterRun:
+def _analysis_missing(path: Path) -> str:
+    return f"the run in {path} is complete, its analysis is not (no report.md)"
+
+
+def _after_run_of(ctx: typer.Context, analyze: bool) -> AfterRun | None:
     """The context's after-run step, on rank 0 alone under torchrun (the only rank that writes the run
-    folder); nothing with --no-analyze or without one."""
+    folder); None with --no-analyze or without one. A stop request ends it at once (its files are written
+    atomically, report.md last): `Interrupted`, to be continued by `fastcifar analyze`."""
     step = (ctx.obj or {}).get(AFTER_RUN) if analyze else None
+    if step is None:
+        return None
 
     def after_run(path: Path) -> None:
-        from . import distributed
+        from . import distributed, stop
 
-        if step is not None and distributed.current().main:
-            step(path)
+        if distributed.current().main:
+            stop.abandonable(step, path, where=_analysis_missing(path), then=f"fastcifar analyze {path}")
 
     return after_run
 
@@ -76,12 +85,17 @@ def train_command(
 
     if restart:
         typer.echo(f"{resume} has no {run.last.name} yet: starting the run again from epoch 1", err=True)
+    from .stop import check
+
     history = fit(cfg, run, resume=resume is not None and not restart)
     if history and distributed.current().main:
         best = max(history, key=lambda m: m["test_acc"])
         typer.echo(f"done: final test accuracy {history[-1]['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
                    f"at epoch {best['epoch']}; run folder {run.path}")
-        _after_run_of(ctx, not no_analyze)(run.path)
+    after_run = _after_run_of(ctx, not no_analyze)
+    if history and after_run is not None:
+        check(_analysis_missing(run.path), then=f"fastcifar analyze {run.path}")  # a request during the last epoch
+        after_run(run.path)
 
 
 def sweep_command(
@@ -91,9 +105,10 @@ def sweep_command(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs in every config."),
     subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
     out: Path = typer.Option(RUNS, "--out", help="Folder for the runs and results.md."),
-    no_analyze: bool = typer.Option(False, "--no-analyze", help="Skip each run's analysis (report.md, linked from results.md)."),
+    no_analyze: bool = typer.Option(False, "--no-analyze", help="Skip each run's analysis (report.md, linked from results.md) and compare.png."),
 ) -> None:
-    """Train each config (complete runs are skipped, partial ones resumed) and fill results.md.
+    """Train each config (complete runs are skipped, partial ones resumed) and fill results.md; compare.png
+    beside it draws the runs side by side (as `fastcifar compare`).
 
     Example: fastcifar sweep configs/seeds --epochs 1 --subset 5000 --out runs/smoke
     """
@@ -101,8 +116,14 @@ def sweep_command(
     from .sweep import sweep
 
     main = distributed.launched().main  # under torchrun, rank 0 alone prints and writes
-    results = sweep(list(configs), _overrides(sets, epochs, subset), out, log=typer.echo if main else lambda m: None,
-                    after_run=_after_run_of(ctx, not no_analyze))
+    try:
+        results = sweep(list(configs), _overrides(sets, epochs, subset), out,
+                        log=typer.echo if main else lambda m: None,
+                        after_run=_after_run_of(ctx, not no_analyze) or (lambda path: None),
+                        after_results=(None if no_analyze else (ctx.obj or {}).get(AFTER_RESULTS))
+                        or (lambda out, runs: None))
+    except Interrupted as e:  # the same sweep continues: complete runs skipped, a partial one resumed, analyses redone
+        raise Interrupted(e.where) from None
     if main:
         typer.echo(f"results: {results}")
         typer.echo(results.read_text())
@@ -166,7 +187,11 @@ def bench_speedrun_command(
     from .speedrun import speedrun
 
     cfg = load_config(config, list(sets or []))
-    r = speedrun(cfg, runs, log=(lambda line: None) if as_json else typer.echo)
+    try:
+        r = speedrun(cfg, runs, log=(lambda line: None) if as_json else typer.echo)
+    except Interrupted:  # its runs live in a temporary folder, gone now
+        raise Interrupted(f"bench speedrun stopped before its {runs} runs ended; a rerun times each run "
+                          f"afresh") from None
     if as_json:
         typer.echo(json.dumps(r))
         return
@@ -195,6 +220,7 @@ def lr_find_command(
 
     from .config import load_config
     from .lr_find import MAX_LR_SUGGESTION, _check_range, describe, lr_find, write
+    from .stop import abandonable
 
     _check_range(start, end, iters, 0.98, 4.0)
     cfg = load_config(config, list(sets or []))
@@ -204,7 +230,8 @@ def lr_find_command(
         raise UserError(f"cannot write to {folder}: {blocker} is a file, not a folder")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = lr_find(cfg, start=start, end=end, iters=iters)
+        result = abandonable(lr_find, cfg, start=start, end=end, iters=iters,
+                             where="the LR range test stopped; nothing was written")
     json_path, png_path = write(result, folder, f"{cfg.name}: LR range test")
     typer.echo(f"LR range test of {cfg.name}: {result['steps']} steps from {start:.1e} to {end:.1e}")
     for line in describe(result):

@@ -143,6 +143,9 @@ class TrainConfig:
     ema_decay: Optional[float] = None  # evaluate (and checkpoint_best) an exponential moving average of the weights
     ema_every: int = 1  # optimizer steps between EMA updates
     whitening_bias_epochs: Optional[int] = None  # airnet: stop training the whitening conv's bias after N epochs
+    # deterministic algorithms (torch, cuDNN, cuBLAS), so identical reruns hold on GPUs too, at a cost
+    # (hardware.set_deterministic; docs/distributed.md)
+    deterministic: bool = False
 
     def budget_seconds(self) -> Optional[float]:
         return None if self.budget is None else parse_duration(self.budget, "train.budget")

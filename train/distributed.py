@@ -169,6 +169,24 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def rewrap(wrapped: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A new DDP around `wrapped`'s model, after the set of its parameters that require grad changed.
+
+    DDP fixes the parameters it reduces when it is built and expects a gradient for each of them in
+    every backward; a parameter frozen later (airnet's whitening bias) never gets one, and the next
+    step fails ("Expected to have finished reduction in the prior iteration"). Its supported answer
+    is a new wrapper: the old one's autograd hooks are removed first, so its reducer stays silent.
+    Every rank must call this at the same step (the new wrapper checks shapes and broadcasts rank 0's
+    weights). One process (`wrapped` is the model itself): nothing to do.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(wrapped, DistributedDataParallel):
+        return wrapped
+    wrapped._remove_autograd_hooks()
+    return wrap(wrapped.module, device)
+
+
 def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """BatchNorm -> SyncBatchNorm: statistics over the global batch instead of each rank's share."""
     if not current().active:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +28,39 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"train.device is {name!r} but no CUDA device is available; use cpu or auto")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"train.device: unsupported device type {device.type!r} (use cpu or cuda)")
+    if device.type == "cuda" and device.index is not None:
+        visible = torch.cuda.device_count()
+        if device.index >= visible:
+            raise UserError(f"train.device is {name!r} but {visible} CUDA device(s) are visible "
+                            f"(cuda:0..cuda:{visible - 1}; CUDA_VISIBLE_DEVICES renumbers them)")
+        # the run's GPU becomes the current one: FFCV's loader creates its CUDA streams and events there
+        torch.cuda.set_device(device)
     return device
+
+
+def cuda_precision(device: torch.device) -> str:
+    """What `precision: auto` is on a CUDA device: bf16 where the GPU computes it natively (compute capability
+    8.0 and later: A100, H100, RTX 30xx on), else fp16 with a GradScaler. torch's `is_bf16_supported()` also
+    counts emulated bf16, which V100s and T4s run, slowly: hence `including_emulation=False`. The one place
+    this is decided (the run, its precision probe and `bench train` ask here)."""
+    with torch.cuda.device(device):
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def set_deterministic(on: bool) -> None:
+    """`train.deterministic`, applied at the start of every run (`setup.build`), either way, so that each run of a
+    sweep gets its own setting.
+
+    On: torch's deterministic algorithms, cuDNN's deterministic kernels without autotuning (benchmark off), and
+    the cuBLAS workspace setting deterministic cuBLAS needs (CUBLAS_WORKSPACE_CONFIG, unless set already; cuBLAS
+    reads it when a process first uses it). An operation with no deterministic CUDA kernel warns, naming itself,
+    instead of stopping the run (warn_only): the rerun guarantee then does not cover it. The CPU computes
+    deterministically either way; the cost on GPUs is unmeasured here."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -93,10 +126,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     in `setup.build`); "auto" reaching here (a run saved before that, analysed now) means bf16 on the CPU,
     and on CUDA bf16 where supported, else fp16 with a GradScaler."""
     if name == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            name = "fp16"
-        else:
-            name = "bf16"
+        name = cuda_precision(device) if device.type == "cuda" else "bf16"
     if name == "fp32":
         return Precision("fp32", None, False)
     if name == "bf16":

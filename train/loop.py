@@ -36,7 +36,7 @@ from .setup import Setup, build
 from .speed import resolve_budget
 from .state import Training, start
 from .step import train_step
-from .stop import StopRequest
+from .stop import StopRequest, check, handling
 from .tta import eval_logits
 
 PROGRESS_EVERY = 10  # batches between progress-bar updates (each reads the loss back from the device)
@@ -50,18 +50,22 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
     """Train `cfg` into `run`; with `resume`, continue from run's last checkpoint exactly.
 
     `stop_after`: end after that epoch (checkpointed), as if interrupted there.
+    A stop request raises `Interrupted` after set-up, a batch or an epoch; one made during the last
+    epoch's evaluation is left to the caller, the run being complete (`train` and `sweep` check it).
     Under torchrun, every rank calls this; only rank 0 writes `run`.
     """
     started = time.perf_counter()
-    world, device = distributed.setup(resolve_device(cfg.train.device), cfg.train.dist_timeout)
-    try:
-        return _fit(cfg, run, resume, stop_after, device, started)
-    except Exception as e:
-        if world.active and not isinstance(e, UserError) and distributed.is_lost_peer(e):
-            distributed.mark_broken()
-            raise distributed.Lost(f"rank {world.rank}: another process failed or stopped answering, so this one "
-                                   f"stops too ({distributed.reason(e)}); the last checkpoint is kept") from e
-        raise
+    # a stop request is honoured at the boundaries below (every rank agreeing), never mid-step or mid-collective
+    with handling(quiet=not distributed.launched().main) as stop, stop.deferred():
+        world, device = distributed.setup(resolve_device(cfg.train.device), cfg.train.dist_timeout)
+        try:
+            return _fit(cfg, run, resume, stop_after, device, started)
+        except Exception as e:
+            if world.active and not isinstance(e, UserError) and distributed.is_lost_peer(e):
+                distributed.mark_broken()
+                raise distributed.Lost(f"rank {world.rank}: another process failed or stopped answering, so this "
+                                       f"one stops too ({distributed.reason(e)}); the last checkpoint is kept") from e
+            raise
 
 
 def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | None, device,
@@ -69,7 +73,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     # 1. Model, loaders, precision; what the config leaves to measurement becomes numbers
     s = build(cfg, device)
     if not resume:
-        resolve_at_start(s, started)
+        resolve_at_start(s, started)  # the LR range test ends early on a stop request
+    check("during set-up, before training started; nothing new was written")
     t = start(s)
     rec = Recorder(run, s)
     rec.open(resume)
@@ -86,7 +91,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     # 3. The epochs
     epochs = s.cfg.train.epochs
     last_epoch = min(epochs, stop_after or epochs)
-    with StopRequest(quiet=not s.world.main) as stop:
+    with handling(quiet=not s.world.main) as stop:  # fit installed it: the same request
         for epoch in range(t.epoch, last_epoch):
             t.begin_epoch(epoch, s.cfg)
             progress = train_epoch(s, t, epoch, stop, saved,
@@ -120,9 +125,11 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
 
 def resolve_at_start(s: Setup, started: float) -> None:
     """`max_lr: find` (an LR range test) and `train.budget` (timed steps) become numbers in `s.cfg`, which
-    config.yaml stores: resume and reruns need neither. Rank 0 measures; every rank takes its numbers."""
+    config.yaml stores: resume and reruns need neither. Every rank measures, in step with the others (the
+    range test stops on the loss averaged over ranks, the budget times the same number of steps on each), so
+    SyncBatchNorm's collectives run on all ranks alike; every rank takes rank 0's numbers."""
     s.cfg = distributed.from_main(resolve_max_lr(s.cfg, s, log=s.notes.append), s.device)
-    cfg, line = distributed.from_main(resolve_budget(s, started) if s.world.main else None, s.device)
+    cfg, line = distributed.from_main(resolve_budget(s, started), s.device)
     s.cfg = cfg
     if line:
         s.notes.append(line)

@@ -6,6 +6,8 @@ lr_i = start * (end / start) ** (i / (iters - 1)). It records each batch's loss 
 exponential moving average with bias correction,
     avg_i = smooth * avg_(i-1) + (1 - smooth) * loss_i,   smoothed_i = avg_i / (1 - smooth ** (i + 1)),
 and stops once the smoothed loss exceeds `diverge` times the best so far (or is not finite).
+Under torchrun each rank trains on its shard and the loss is the mean over ranks, so all
+ranks stop at the same step.
 Afterwards the model's weights and buffers, the optimizer's state, the RNG state and the train
 loader's epoch counter are restored from deep copies: training after a range test is the same
 as training without one.
@@ -32,14 +34,16 @@ import numpy as np
 import torch
 
 from beton.atomic import atomic_path, atomic_write_text
-from beton.errors import UserError
+from beton.errors import Interrupted, UserError
 from fastloader.loaders import cycle
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import ExperimentConfig
 from .optim import build_optimizer
 from .setup import Setup, build
 from .step import Step, train_step
+from .stop import requested as stop_requested
 
 SUGGESTIONS = ("steepest", "valley", "min/10")
 MAX_LR_SUGGESTION = "valley"  # what `scheduler.max_lr: find` uses
@@ -76,7 +80,7 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
     step = Step.create(model, optimizer, precision, device, train_cfg)  # no schedule: the LR is set here
     factor = (end / start) ** (1.0 / (iters - 1))
     lrs, losses, smoothed = [], [], []
-    avg, best, stop_reason = 0.0, math.inf, None
+    avg, best, stop_reason, interrupted = 0.0, math.inf, None, False
     batches = cycle(loader)
     try:
         model.train()
@@ -87,7 +91,14 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, _ = train_step(step, images, labels)
-            value = float(loss.float().item())
+            # under torchrun every rank tests on its shard: the mean loss over ranks decides for all, so they
+            # stop at the same step (SyncBatchNorm's collectives in each forward must match; rank 0's result is used)
+            # a stop request (Ctrl-C, SIGTERM) on any rank travels in the same sum: every rank stops after this step
+            loss_sum, stops = distributed.all_sum([float(loss.float().item()), float(stop_requested())], device)
+            if stops:
+                interrupted = True
+                break
+            value = loss_sum / distributed.current().size
             avg = smooth * avg + (1 - smooth) * value
             s = avg / (1 - smooth ** (i + 1))
             bar.update(1)
@@ -112,6 +123,8 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
         if loader_epoch is not None:
             loader.set_epoch(loader_epoch)
         model.train(was_training)
+    if interrupted:
+        raise Interrupted(f"the LR range test stopped after {len(lrs)} of {iters} steps; nothing was written")
     if len(lrs) < 2:
         raise UserError(f"the LR range test stopped after {len(lrs)} step(s) ({stop_reason}); "
                         f"start lower than {start:g}")

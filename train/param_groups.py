@@ -35,6 +35,11 @@ from beton.errors import UserError
 from .airnet import WhiteningConv
 from .config import ROLES
 
+MUON_TORCH = "2.9"  # the first torch release with torch.optim.Muon, which FilterMuon subclasses
+if not hasattr(torch.optim, "Muon"):
+    raise UserError(f"fastcifar needs torch>={MUON_TORCH} (torch.optim.Muon); this environment has torch "
+                    f"{torch.__version__}: pip install 'torch>={MUON_TORCH}'")
+
 # Norm layers, timm's subclasses (BatchNormAct2d, LayerNorm2d..) included (optim.split_decay uses them too).
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 

@@ -40,6 +40,8 @@ class Recorder:
             self._records(t)  # a crash may have left them behind the checkpoint
         where = f"epoch {t.epoch + 1}, batch {saved['batch']}" if saved else f"epoch {t.epoch}"
         self.log(f"resumed {self.run.path} after {where} of {self.s.cfg.train.epochs}")
+        for line in t.notes:  # what the checkpoint held that this machine could not take (another GPU count)
+            self.log(line)
         self._open_board(t.epoch)
         return saved
 
@@ -81,10 +83,10 @@ class Recorder:
         """Save a resumable checkpoint (mid-epoch; at an epoch's end it is saved already); the error to raise."""
         if progress is not None:
             self.save_partial(t, epochs_done, progress)
-        where = f"epoch {epochs_done + 1}, batch {progress.batch}" if progress else f"epoch {epochs_done}"
-        message = f"interrupted: checkpoint saved after {where}; continue with: fastcifar train --resume {self.run.path}"
-        self.log(message, echo=False)  # the CLI prints it, on stderr
-        return Interrupted(message if self.main else "")  # said once, by rank 0
+        after = f"epoch {epochs_done + 1}, batch {progress.batch}" if progress else f"epoch {epochs_done}"
+        where, then = f"checkpoint saved after {after} in {self.run.path}", f"fastcifar train --resume {self.run.path}"
+        self.log(f"interrupted: {where}; continue with: {then}", echo=False)  # the CLI prints it, on stderr
+        return Interrupted(where, then)
 
     def close(self) -> None:
         if self.board is not None:

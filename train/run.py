@@ -1,4 +1,4 @@
-"""A run directory: the unit of output (design.md).
+"""A run directory: the unit of output (docs/design.md).
 
 runs/<name>/ holds config.yaml (resolved), metrics.jsonl (one JSON line per
 epoch: what was learned, identical between reruns), timing.jsonl (seconds and

@@ -17,7 +17,7 @@ from fastloader.loaders import build_loader, build_loaders, read_split, train_va
 from . import distributed
 from .config import ExperimentConfig
 from .airnet import WhiteningConv, init_whitening
-from .hardware import Precision, resolve_device, resolve_precision, reuse_freed_memory
+from .hardware import Precision, resolve_device, resolve_precision, reuse_freed_memory, set_deterministic
 from .models import create_model
 from .speed import auto_precision
 
@@ -70,6 +70,7 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
     """The run's parts; `precision: auto` is resolved here (by measurement on the CPU) and `cfg` updated,
     so the run's config.yaml holds the precision it ran in."""
     device = device or resolve_device(cfg.train.device)
+    set_deterministic(cfg.train.deterministic)  # before any CUDA work of the run
     if device.type == "cpu" and cfg.train.reuse_memory:
         reuse_freed_memory()  # before the precision probe, so it times the steps the run will take
     manifest = read_manifest(cfg.data.folder())

@@ -4,7 +4,7 @@ On the CPU, bf16 autocast was 2.7x faster than fp32 on one 2-core machine (AMD Z
 on another (Intel Xeon, AVX-512 with bf16 but no AMX), so `auto` times a few steps of the run's own
 model and batch in fp32 and in bf16 (channels_last both) and takes the faster. The figures are
 cached per machine (CPU model, cores, torch version, model, batch) in `$FASTCIFAR_CACHE` (default
-~/.cache/fastcifar), so the measurement is paid once. On CUDA, auto is bf16 where supported.
+~/.cache/fastcifar), so the measurement is paid once. On CUDA, auto is `hardware.cuda_precision`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from beton.atomic import atomic_write_text
 from fastloader.threads import cpu_cores, own_torch_threads
 
-from .hardware import Precision, resolve_precision, reusing_freed_memory
+from .hardware import Precision, cuda_precision, resolve_precision, reusing_freed_memory
 from .step import Step, train_step
 
 PROBE_STEPS = 3  # timed steps per precision (after one warm-up step)
@@ -112,8 +112,8 @@ def measure_precisions(cfg, model: torch.nn.Module, device: torch.device, classe
 def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: int) -> tuple[str, str]:
     """(precision, the line for train.log): what `precision: auto` resolves to for this run."""
     if device.type == "cuda":
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return name, f"precision auto -> {name} (CUDA{'' if name == 'bf16' else ' without bf16 support'})"
+        name = cuda_precision(device)
+        return name, f"precision auto -> {name} (CUDA{'' if name == 'bf16' else ' without native bf16'})"
     own_torch_threads()  # importing FFCV left torch on one thread: time what training will use
     key = cache_key(cfg, device)
     rates = _read_cache().get(key)
@@ -136,7 +136,9 @@ def epoch_seconds(s, steps: int = BUDGET_STEPS, eval_batches: int = BUDGET_EVAL_
     """(train, evaluation) seconds of one epoch of Setup `s`, timed over a few real batches.
 
     Steps train a copy of the model with a fresh optimizer (the run's model, RNG and loader epoch are
-    left as they were); the first BUDGET_WARMUP steps are not timed (compilation, caches)."""
+    left as they were); the first BUDGET_WARMUP steps are not timed (compilation, caches). Under torchrun
+    every rank runs it on its shard (the same number of steps each): with model.sync_bn each training
+    forward is a collective, which one rank alone would wait on until train.dist_timeout."""
     from fastloader.loaders import cycle
 
     from . import checkpoint

@@ -28,6 +28,17 @@ def _with_seed(cfg: ExperimentConfig, seed: int, **train) -> ExperimentConfig:
                                train=dataclasses.replace(cfg.train, seed=seed, **train))
 
 
+def warmup_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The untimed compile warm-up: `cfg` for one epoch, on a seed no timed run uses. A schedule's
+    `peak_epoch` is scaled with the epochs (the peak at the same fraction of the run), as it must stay under
+    train.epochs: the one-epoch config is then valid whenever `cfg` is."""
+    sched = cfg.scheduler
+    if sched.peak_epoch is not None:
+        cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
+            sched, peak_epoch=sched.peak_epoch / cfg.train.epochs))
+    return _with_seed(cfg, 10_000, epochs=1, budget=None)
+
+
 def one_run(cfg: ExperimentConfig, folder: Path) -> dict:
     run = RunDir(folder)
     start = time.perf_counter()
@@ -54,7 +65,7 @@ def speedrun(cfg: ExperimentConfig, runs: int, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="fastcifar-speedrun-") as tmp:
         if cfg.train.compile:
             start = time.perf_counter()
-            fit(_with_seed(cfg, 10_000, epochs=1, budget=None), RunDir(Path(tmp) / "warmup"))
+            fit(warmup_config(cfg), RunDir(Path(tmp) / "warmup"))
             results["compile_seconds"] = time.perf_counter() - start
             log(f"warm-up (compile) run: {results['compile_seconds']:.1f} s")
         done = []

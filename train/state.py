@@ -34,16 +34,29 @@ class Training:
     history: list = field(default_factory=list)  # metrics lines
     timing: list = field(default_factory=list)  # timing lines
     best_acc: float = -1.0
+    notes: list = field(default_factory=list)  # what loading a checkpoint could not restore, for the run's log
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.step.optimizer
 
     def begin_epoch(self, epoch: int, cfg) -> None:
-        """What changes at an epoch boundary: airnet's whitening bias stops training after N epochs."""
+        """What changes at an epoch boundary: airnet's whitening bias stops training after N epochs.
+
+        Frozen means requires_grad off, as in one process (no gradient, no optimizer update, and no
+        backward through the whitening conv's output: that is the speed the freeze is for). Under
+        torchrun, DDP reduces the parameters that required grad when it was wrapped, so any change
+        to that set here re-wraps the step's model (`distributed.rewrap`); every rank does it at the
+        same epoch. One process trains exactly as before."""
+        trainable = _trainable(self.model)
         n = cfg.train.whitening_bias_epochs
         if n is not None and epoch >= n:
             freeze(p for m in self.model.modules() if isinstance(m, WhiteningConv) for p in [m.bias])
+        if _trainable(self.model) != trainable:
+            wrapped = getattr(self.step.model, "_orig_mod", self.step.model)  # the DDP under torch.compile
+            rewrapped = distributed.rewrap(wrapped, self.step.device)
+            if rewrapped is not wrapped:
+                self.step.model = torch.compile(rewrapped) if cfg.train.compile else rewrapped
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[torch.nn.Module]:
@@ -74,13 +87,18 @@ class Training:
                 self.step.scaler.load_state_dict(state["scaler"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
-            checkpoint.set_rng_state(state["rng"])
+            unrestored = checkpoint.set_rng_state(state["rng"])
+            self.notes = [unrestored] if unrestored else []
             self.history, self.best_acc, self.epoch = list(state["history"]), float(state["best_acc"]), int(state["epoch"])
             self.timing = list(state.get("timing") or [])
             return state.get("partial")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise UserError(f"{where} does not fit this run's config ({type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'missing data'})") from e
+
+
+def _trainable(model: torch.nn.Module) -> tuple[bool, ...]:
+    return tuple(p.requires_grad for p in model.parameters())
 
 
 def start(s: Setup) -> Training:

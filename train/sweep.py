@@ -2,7 +2,10 @@
 
 A run already complete is skipped and a partial one resumed, so an
 interrupted sweep picks up where it stopped; results.md is rewritten
-(atomically) after every run.
+(atomically) after every run. A stop request (Ctrl-C, SIGTERM) ends the
+sweep at the next boundary: inside a run (see train.loop), during its
+analysis (at once: the analysis is redone by the next sweep), or between
+runs (docs/guarantees.md, "Stopping and continuing").
 """
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import os
 from pathlib import Path
 
 from beton.atomic import atomic_write_text
-from beton.errors import UserError
+from beton.errors import Interrupted, UserError
 
-from . import distributed
-from .config import ExperimentConfig, load_config
+from . import distributed, stop
+from .config import ExperimentConfig, build_config, load_config
 from .loop import fit
 from .run import RunDir
 
@@ -79,30 +82,32 @@ def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
     return saved == wanted
 
 
-def _run_one(cfg: ExperimentConfig, run: RunDir, log, after_run) -> None:
-    """Train, resume (a checkpoint exists: an interrupted or crashed run) or skip (complete)."""
+def _run_one(cfg: ExperimentConfig, run: RunDir, log) -> bool:
+    """Train, resume (a checkpoint exists: an interrupted or crashed run) or skip (complete); whether its
+    analysis is due (a skipped run's is when an earlier sweep stopped before its report.md)."""
     summary = run.summary()
     if run.last.is_file() or summary is not None:
         if not _same_config(run.config(), cfg):
             raise UserError(f"{run.path} holds a run of a different config; pick another --out for this sweep")
         if summary is not None and summary["complete"]:
             log(f"skip {cfg.name}: complete in {run.path}")
-            if not (run.path / "report.md").is_file():
-                after_run(run.path)
-            return
+            return not (run.path / "report.md").is_file()
         log(f"resume {cfg.name} in {run.path}")
-        fit(cfg, run, resume=True)
+        # with its saved config, as `train --resume`: what `find`, `auto` and `budget` resolved to at its start
+        fit(build_config(run.config(), where=f"{run.path}/config.yaml"), run, resume=True)
     else:
         log(f"train {cfg.name} -> {run.path}")
         fit(cfg, run)
-    after_run(run.path)
+    return True
 
 
-def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_run=lambda path: None) -> Path:
+def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_run=lambda path: None,
+          after_results=lambda out, runs: None) -> Path:
     """Run every config (skipping complete runs), filling out/results.md; returns its path.
 
     `after_run(run_folder)` follows each run on every rank (the CLI's analysis, which acts on rank 0
-    alone, so results.md can link each report).
+    alone, so results.md can link each report); `after_results(out, run_folders)` follows each rewrite of
+    results.md, on rank 0, with the runs listed so far (the CLI's side-by-side figure).
     """
     files = collect(paths)
     configs = [(f, load_config(f, overrides)) for f in files]  # validate all before training any
@@ -112,10 +117,25 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_r
         raise UserError(f"configs share a name ({', '.join(dupes)}); each run needs its own folder")
     results = out / RESULTS
     rows: list[dict] = []
-    for file, cfg in configs:
-        run = RunDir(out / cfg.name)
-        _run_one(cfg, run, log, after_run)
-        if distributed.current().main:  # under torchrun, rank 0 alone writes
-            rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
-            write_results(rows, results)
+    with stop.handling(quiet=not distributed.launched().main) as request, request.deferred():
+        for done, (file, cfg) in enumerate(configs, 1):
+            run = RunDir(out / cfg.name)
+            stopped = None
+            if _run_one(cfg, run, log):  # raises Interrupted when stopped inside the run
+                try:
+                    after_run(run.path)
+                except Interrupted as e:  # the analysis was stopped (on rank 0): the run itself is complete
+                    stopped = e
+            if distributed.current().main:  # under torchrun, rank 0 alone writes
+                rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
+                write_results(rows, results)
+                try:  # ends at once on a stop request, as the analysis does: the next sweep draws it again
+                    request.abandonable(after_results, out, [out / c.name for _, c in configs[:done]],
+                                        where=f"{done} of {len(configs)} runs complete, listed in {results}; "
+                                              f"the figure comparing them is not drawn")
+                except Interrupted as e:
+                    stopped = stopped or e
+            if request.agreed() and (stopped or done < len(configs)):  # every rank, after every run
+                raise stopped or Interrupted(f"{done} of {len(configs)} runs complete (the last in {run.path}), "
+                                             f"listed in {results}")
     return results
