@@ -7,8 +7,8 @@ DIR/gpu_check.json) is rewritten after every stage, and before each one with the
 run killed at its time limit keeps what it did and names where it stopped. A failing stage does not stop
 the next ones, except the environment and the betons, which every later stage needs.
 
-Stages go through fastcifar's own code (fastloader.loaders.build_loader, train.setup.build,
-train.state.start, train.step.train_step, train.loop.fit, train.speedrun.one_run, train.checkpoint,
+Stages go through fastcifar's own code (fastloader.loaders.build_loader, train.parts.build,
+train.state.start_training, train.step.train_step, train.loop.fit, train.speedrun.one_run, train.checkpoint,
 analysis.report.analyze): this is a check of them, not a second implementation.
 
 `--device cpu` is the dry run: every stage on the CPU with tiny sizes, the CUDA-only ones reported as
@@ -387,40 +387,40 @@ class Stages:
                 raise AssertionError(f"{split}: last batch images {tuple(last[0].shape)}, labels {tuple(last[1].shape)}")
         return {"last_batches": shapes, "summary": "train and test end with a batch of 1"}
 
-    # 4. one step per precision, the fit's own Setup and Step
+    # 4. one step per precision, the fit's own RunParts and Step
     def precision(self, name: str):
         def run() -> dict:
             import torch
 
-            from train.setup import build
-            from train.state import start
+            from train.parts import build
+            from train.state import start_training
             from train.step import train_step
 
             if name == "fp16" and self.device != "cuda":
                 raise Skip("fp16 with a GradScaler is CUDA-only (train.hardware.resolve_precision)")
             cfg = self.config(overrides=[f"train.precision={name}", f"data.subset={self.sizes.step_images}"])
-            s = build(cfg)
-            t = start(s)
-            before = [p.detach().clone() for p in s.model.parameters()]
-            losses, batches = [], iter(s.train_loader)
+            parts = build(cfg)
+            training = start_training(parts)
+            before = [p.detach().clone() for p in parts.model.parameters()]
+            losses, batches = [], iter(parts.train_loader)
             for _ in range(self.sizes.steps):
                 images, labels = next(batches)
-                if images.dtype != s.precision.batch_dtype:
-                    raise AssertionError(f"batch in {images.dtype}, precision {name} wants {s.precision.batch_dtype}")
-                loss, logits = train_step(t.step, images, labels)
+                if images.dtype != parts.precision.batch_dtype:
+                    raise AssertionError(f"batch in {images.dtype}, precision {name} wants {parts.precision.batch_dtype}")
+                loss, logits = train_step(training.step, images, labels)
                 losses.append(float(loss))
             batches.close()
             if not all(math.isfinite(v) for v in losses):
                 raise AssertionError(f"losses {losses}")
-            moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, s.model.parameters()))
+            moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, parts.model.parameters()))
             if not moved:
                 raise AssertionError("no parameter changed")
             figures = {"losses": [round(v, 4) for v in losses], "parameters_changed": moved,
-                       "scaler_enabled": t.step.scaler.is_enabled()}
+                       "scaler_enabled": training.step.scaler.is_enabled()}
             if name == "fp16":
-                if not t.step.scaler.is_enabled():
+                if not training.step.scaler.is_enabled():
                     raise AssertionError("fp16 without a GradScaler")
-                figures["scale"] = float(t.step.scaler.get_scale())
+                figures["scale"] = float(training.step.scaler.get_scale())
             figures["summary"] = f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
             return figures
         return run
@@ -499,8 +499,8 @@ class Stages:
         from torch.nn.parallel import DistributedDataParallel
 
         from train.loop import train_epoch
-        from train.setup import build
-        from train.state import start
+        from train.parts import build
+        from train.state import start_training
 
         backend = "nccl" if self.device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
@@ -516,15 +516,15 @@ class Stages:
             if not torch.equal(t.cpu(), torch.arange(4.0)) or box[0] != {"rank": 0}:
                 raise AssertionError("a collective changed its data")
             sets = ["train.epochs=3", "train.whitening_bias_epochs=1", "scheduler.role_epochs.whitening_bias=1"]
-            s = build(self.config(overrides=sets))
-            tr = start(s)
-            tr.step.model = DistributedDataParallel(s.model, device_ids=[0] if self.device == "cuda" else None)
+            parts = build(self.config(overrides=sets))
+            training = start_training(parts)
+            training.step.model = DistributedDataParallel(parts.model, device_ids=[0] if self.device == "cuda" else None)
             losses, stepped = [], []
-            for epoch in range(s.cfg.train.epochs):  # the freeze comes at the start of the second epoch
-                tr.begin_epoch(epoch, s.cfg)
-                stepped.append(type(tr.step.model).__name__)  # what begin_epoch left the step to train
-                p = train_epoch(s, tr, epoch)
-                losses.append(round(p.loss_sum.item() / max(p.count, 1), 4))
+            for epoch in range(parts.cfg.train.epochs):  # the freeze comes at the start of the second epoch
+                training.begin_epoch(epoch, parts.cfg)
+                stepped.append(type(training.step.model).__name__)  # what begin_epoch left the step to train
+                progress = train_epoch(parts, training, epoch)
+                losses.append(round(progress.loss_sum.item() / max(progress.count, 1), 4))
             if not all(math.isfinite(v) for v in losses):
                 raise AssertionError(f"losses {losses}")
         finally:
@@ -548,16 +548,16 @@ class Stages:
 
     # 9. with the time left: the shipped configs at full length
     def estimate(self, cfg) -> tuple[float, float]:
-        """(seconds for the whole run, seconds per epoch) from a few timed real steps (train.speed.epoch_seconds)."""
-        from train.setup import build
-        from train.speed import epoch_seconds
+        """(seconds for the whole run, seconds per epoch) from a few timed real steps (train.budget.epoch_seconds)."""
+        from train.parts import build
+        from train.budget import epoch_seconds
 
         begin = time.perf_counter()
-        s = build(cfg)
-        train_s, eval_s = epoch_seconds(s)
+        parts = build(cfg)
+        train_s, eval_s = epoch_seconds(parts)
         setup = time.perf_counter() - begin
         per_epoch = train_s + eval_s
-        del s
+        del parts
         return setup + cfg.train.epochs * per_epoch, per_epoch
 
     def _fits(self, cfg, margin: float = 1.15, extra: float = 10.0) -> dict:
@@ -713,4 +713,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written (gpu_check.json is replaced atomically after every stage). Seen on a 2-core Xeon:
+    # after all stages passed, the interpreter's final garbage collection waited forever in numba's TBB pool
+    # (`unload_tbb` -> `task_group::wait`), so a normal exit could hang the one device call; leave at once.
+    os._exit(code)

@@ -23,7 +23,7 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def test_the_declared_torch_has_muon():
-    from train.param_groups import MUON_TORCH
+    from train.optim.muon import MUON_TORCH
 
     assert _minimum("torch") >= _version(MUON_TORCH)
     assert _version(torch.__version__) >= _version(MUON_TORCH) and hasattr(torch.optim, "Muon")
@@ -38,8 +38,19 @@ def test_a_torch_without_muon_is_a_one_line_error(monkeypatch):
     from beton.errors import UserError
 
     monkeypatch.delattr(torch.optim, "Muon")
-    monkeypatch.delitem(sys.modules, "train.param_groups")  # restored after the test
+    monkeypatch.delitem(sys.modules, "train.optim.muon")  # restored after the test
     with pytest.raises(UserError) as error:
-        import train.param_groups  # noqa: F401
+        import train.optim.muon  # noqa: F401
     message = str(error.value)
     assert "\n" not in message and "torch>=" in message and torch.__version__ in message
+
+
+def test_every_package_is_installed():
+    """A clean clone installs with `pip install -e .` from pyproject's package list: a subpackage left out of
+    it (train.models, train.optim) would import here, from the source tree, and fail in CI."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"])
+    root = PYPROJECT.parent
+    found = {".".join(init.parent.relative_to(root).parts) for top in ("beton", "fastloader", "train", "analysis")
+             for init in (root / top).rglob("__init__.py")}
+    assert found == listed

@@ -77,7 +77,7 @@ def test_resuming_a_gpu_checkpoint_on_fewer_gpus_logs_what_was_not_restored(lear
 def test_auto_precision_on_a_gpu_without_native_bf16_is_fp16_with_a_grad_scaler(monkeypatch):
     from train.models import create_model
     from train.config import ModelConfig
-    from train.speed import auto_precision
+    from train.precision import auto_precision
 
     gpus(monkeypatch, 1, native_bf16=False)  # a V100: bf16 only emulated, slowly
     assert hardware.resolve_precision("auto", CUDA) == hardware.Precision("fp16", torch.float16, True)

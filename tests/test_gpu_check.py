@@ -35,7 +35,7 @@ def test_dry_run_passes_every_stage_the_cpu_can_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--synthetic", "--out", str(out),
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=900)
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, env=env, timeout=400)
     result = json.loads((out / "gpu_check.json").read_text())
     stages = result["stages"]
     failed = {k: v.get("reason") for k, v in stages.items() if v["status"] == "FAIL"}

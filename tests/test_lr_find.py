@@ -15,7 +15,7 @@ from beton.errors import UserError
 from fastcifar_cli import main
 from train.config import build_config
 from train.loop import build
-from train.lr_find import lr_find, resolve_max_lr, suggestions
+from train.lr_find import descent_start, lr_find, resolve_max_lr, suggestions
 from train.optim import build_optimizer
 
 from .test_train import tiny
@@ -59,7 +59,7 @@ def test_range_test_restores_everything_and_suggests_inside_the_range(setup):
     rng_before = torch.get_rng_state()
     epoch_before = setup.train_loader.epoch
 
-    result = lr_find(cfg, start=1e-5, end=10.0, iters=20, setup=setup, optimizer=optimizer, progress=False)
+    result = lr_find(cfg, start=1e-5, end=10.0, iters=20, parts=setup, optimizer=optimizer, progress=False)
 
     assert same_state(setup.model.state_dict(), model_before)
     assert same_state(optimizer.state_dict(), optimizer_before)
@@ -85,7 +85,7 @@ def test_range_test_restores_everything_and_suggests_inside_the_range(setup):
 
 
 def test_divergence_stops_the_test(setup):
-    result = lr_find(setup.cfg, start=1.0, end=1e8, iters=40, setup=setup, progress=False)
+    result = lr_find(setup.cfg, start=1.0, end=1e8, iters=40, parts=setup, progress=False)
     assert result["stopped_early"] and result["steps"] < 40
     assert in_range(result)
 
@@ -147,3 +147,9 @@ def test_range_checks():
     with pytest.raises(UserError, match="iters"):
         lr_find(cfg, iters=1)
     assert math.isclose(suggestions([1e-3, 1e-2], [1.0, 0.5])["min/10"], 1e-3)
+
+
+def test_descent_start_is_where_the_longest_fall_begins():
+    lrs = list(np.logspace(-6, 1, 50))
+    loss = list(2.3 + 0.001 * np.arange(10)) + list(np.linspace(2.3, 0.5, 30)) + list(np.linspace(0.5, 5, 10))
+    assert descent_start(lrs, loss) == pytest.approx(lrs[9])  # the rise ends at 9, the fall runs to 39

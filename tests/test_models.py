@@ -160,3 +160,26 @@ def test_models_command_json():
     counts = json.loads(result.output)
     assert counts == {"resnet18": 11_173_962, "resnet34": 21_282_122, "custom_resnet": 6_573_130,
                       "fastnet": 657_154, "airnet": 1_972_792}
+
+
+def test_resnet_strides_keep_parameters_and_grad_cam_picks_layer4_at_8x8():
+    from analysis.gradcam import default_layer
+
+    for name, count in (("resnet18", 11_173_962), ("resnet34", 21_282_122)):
+        for norm in ("batch", "layer"):
+            model = create_model(ModelConfig(name=name, norm=norm, strides=[1, 1, 2, 2]))
+            assert count_parameters(model) == count
+    model = create_model(ModelConfig(name="resnet18", norm="layer", strides=[1, 1, 2, 2]))
+    assert default_layer(model) == ("layer4", (8, 8))
+    assert default_layer(create_model("resnet18"))[0] == "layer3"  # 4x4 at layer4 with the default strides
+    with pytest.raises(UserError, match="strides"):
+        create_model(ModelConfig(name="fastnet", strides=[1, 1, 2, 2]))
+    with pytest.raises(UserError, match="strides"):
+        create_model(ModelConfig(name="resnet18", strides=[1, 1, 2]))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_refuses_an_unknown_norm_with_the_same_line(name):
+    """One norm lookup (train.models.norms.norm_layer) for every model family, airnet's included."""
+    with pytest.raises(UserError, match=r"^unknown norm 'weird'; known: batch, layer, group, instance$"):
+        create_model(name, norm="weird")

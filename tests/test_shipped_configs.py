@@ -2,7 +2,10 @@
 --config`, `lr-find` and `bench speedrun`, each as a user runs it, on a tiny subset in batches of one.
 
 The configs are found by glob when the tests are collected, so a config added to configs/ is covered without
-anyone listing it. The overrides only size the run (data, epochs, steps); the model, optimizer, scheduler,
+anyone listing it. `train` runs every config; the three commands that derive a config of their own from it (bench
+train's constant LR, the range test, the speedrun's seeds and warm-up) run once per distinct set of the sections
+they derive from, everything but `model` (the seed grid's twelve configs are three such sets, its schedulers): a
+config that differs from every other in more than its model runs all four. The overrides only size the run (data, epochs, steps); the model, optimizer, scheduler,
 precision, budget, TTA and every other section are the config's own, since those are what a command derives
 its own configs from (bench train's constant LR, the speedrun's seeds and warm-up, `max_lr: find`, the budget).
 Batches of one image: the edge batch (labels of N = 1) in every command and every model.
@@ -37,7 +40,7 @@ def loaders_built_once():
     the same few loaders again and again (the twelve seed configs share one data section). Each distinct
     loader is still built by the real function, and each iteration is a fresh epoch."""
     import analysis.predictions
-    import train.setup
+    import train.parts
     from fastloader import loaders
     from fastloader.config import to_dict
 
@@ -50,7 +53,7 @@ def loaders_built_once():
         return built[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        for module in (loaders, train.setup, analysis.predictions):
+        for module in (loaders, train.parts, analysis.predictions):
             patch.setattr(module, "build_loader", build_loader)
         yield built
 
@@ -82,6 +85,15 @@ def _json(args: list[str], capsys) -> dict:
 
 
 ANALYSED: set = set()  # (model, eval) sections whose run the analysis has read in this session
+DERIVED: set = set()  # the non-model sections whose derived configs bench train, lr-find and speedrun have run
+
+
+def _derived_key(path: Path) -> str:
+    """What bench train, lr-find and bench speedrun derive their configs from: every section but the model."""
+    sections = load_config(path).to_dict()
+    sections.pop("model")
+    sections.pop("name", None)
+    return json.dumps(sections, sort_keys=True)
 
 
 def _analysis_key(path: Path) -> str:
@@ -94,7 +106,7 @@ def _analysis_key(path: Path) -> str:
 @pytest.mark.parametrize("path", SHIPPED, ids=_ids)
 def test_every_command_runs_the_shipped_config(path, learnable_betons, loaders_built_once, tmp_path, capsys):
     """train ends with the analysis once per distinct model and evaluation (the twelve seed configs have four
-    models); the others pass --no-analyze."""
+    models); the others pass --no-analyze. The other three commands once per distinct non-model sections."""
     sets = sized(path, learnable_betons)
     run, key = tmp_path / "run", _analysis_key(path)
     analyse = key not in ANALYSED
@@ -102,6 +114,9 @@ def test_every_command_runs_the_shipped_config(path, learnable_betons, loaders_b
     assert json.loads((run / "summary.json").read_text())["complete"]
     assert (run / "report.md").is_file() == analyse
     ANALYSED.add(key)
+    if _derived_key(path) in DERIVED:
+        return  # another config with the same non-model sections ran the three commands below
+    DERIVED.add(_derived_key(path))
 
     bench = _json(["bench", "train", "--config", str(path), "--batch-size", "1", "--steps", "1", "--json", *sets],
                   capsys)

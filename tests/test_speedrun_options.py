@@ -10,7 +10,7 @@ from train.config import OptimizerConfig, SchedulerConfig, build_config
 from train.loop import fit
 from train.optim import build_schedule
 from train.run import RunDir
-from train.setup import build
+from train.parts import build
 
 from .test_train import json_of, tiny
 
@@ -34,8 +34,8 @@ def test_airnet_whitening_comes_from_the_training_images(learnable_betons):
     s = build(build_config(speedy(learnable_betons)))
     conv = s.model.whiten
     assert not conv.weight.requires_grad and conv.bias.requires_grad
-    from train.airnet import patch_covariance
-    from train.setup import whitening_images
+    from train.models.airnet import patch_covariance
+    from train.models.airnet import whitening_images
 
     images = torch.as_tensor(whitening_images(s.cfg.data)).permute(0, 3, 1, 2).float()
     import json
@@ -111,9 +111,9 @@ def test_roles_optimizer_errors_are_one_line(learnable_betons):
         OptimizerConfig(name="roles")
     cfg = build_config({**speedy(learnable_betons), "optimizer": {"name": "roles", "roles": {"filters": ROLES["filters"]}}})
     with pytest.raises(UserError, match="no entry for role"):
-        from train.state import start
+        from train.state import start_training
 
-        start(build(cfg))
+        start_training(build(cfg))
     with pytest.raises(UserError, match="model.options"):
         build(build_config({**speedy(learnable_betons), "model": {"name": "airnet", "options": {"depth": 3}}}))
 

@@ -20,16 +20,17 @@ from typing import Iterator
 import torch
 
 from .config import ExperimentConfig, SchedulerConfig
-from .hardware import cuda_precision, resolve_precision, reusing_freed_memory
+from .hardware import resolve_precision, reusing_freed_memory
 from .loop import train_epoch
-from .setup import build
-from .speed import rate, step_rate, synthetic_batch
-from .state import start
+from .optim import build_optimizer
+from .parts import build
+from .precision import chosen_precision, rate, step_rate, synthetic_batch
+from .state import start_training
 from .step import Step
 
 
 class _Repeat:
-    """One in-memory batch served `n` times: a `setup.BatchLoader` without loading."""
+    """One in-memory batch served `n` times: a `parts.BatchLoader` without loading."""
 
     def __init__(self, batch, n: int):
         self.batch, self.n, self.num_samples = batch, n, n * len(batch[1])
@@ -75,44 +76,42 @@ def loop_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
-    s = build(loop_config(cfg))
-    cfg = s.cfg
-    device, n, classes = s.device, cfg.data.batch_size, len(s.classes)
+    parts = build(loop_config(cfg))
+    cfg = parts.cfg
+    device, n, classes = parts.device, cfg.data.batch_size, len(parts.classes)
     results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads(),
                "reuse_memory": reusing_freed_memory()}
     for key, name, channels_last in (("fp32_nchw", "fp32", False), ("fp32_channels_last", "fp32", True),
                                      ("bf16_channels_last", "bf16", True)):
-        results[key] = rate(s.model, cfg.optimizer, resolve_precision(name, device), device, n, classes, steps,
-                            channels_last)
-    if device.type == "cuda":
-        results["auto"] = cuda_precision(device)
-    else:
-        results["auto"] = "bf16" if results["bf16_channels_last"] > results["fp32_channels_last"] else "fp32"
-    results["precision"] = s.precision.name
-    results["channels_last_autocast"] = (results["fp32_channels_last"] if s.precision.name == "fp32" else
-                                         results["bf16_channels_last"] if s.precision.name == "bf16" else
-                                         rate(s.model, cfg.optimizer, s.precision, device, n, classes, steps))
+        results[key] = rate(parts.model, cfg.optimizer, precision=resolve_precision(name, device), device=device,
+                            batch=n, classes=classes, steps=steps, channels_last=channels_last)
+    results["auto"] = chosen_precision(device, {"fp32": results["fp32_channels_last"],
+                                                "bf16": results["bf16_channels_last"]})
+    results["precision"] = parts.precision.name
+    results["channels_last_autocast"] = (results["fp32_channels_last"] if parts.precision.name == "fp32" else
+                                         results["bf16_channels_last"] if parts.precision.name == "bf16" else
+                                         rate(parts.model, cfg.optimizer, precision=parts.precision, device=device,
+                                              batch=n, classes=classes, steps=steps))
     if compile:
-        results.update(_compiled(s, steps))
+        results.update(_compiled(parts, steps))
 
-    synthetic = _Repeat(tuple(x.clone() for x in next(iter(s.train_loader))), steps)  # FFCV reuses buffers
-    for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(s.train_loader, steps))):
-        timed = replace(s, train_loader=loader)
-        t = start(timed)
-        p = train_epoch(timed, t, 0)
-        results[key] = p.count / p.seconds
+    synthetic = _Repeat(tuple(x.clone() for x in next(iter(parts.train_loader))), steps)  # FFCV reuses buffers
+    for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(parts.train_loader, steps))):
+        timed = replace(parts, train_loader=loader)
+        training = start_training(timed)
+        progress = train_epoch(timed, training, 0)
+        results[key] = progress.count / progress.seconds
     results["loop_efficiency"] = results["loop_real_loader"] / results["loop_synthetic"]
     return results
 
 
-def _compiled(s, steps: int) -> dict:
+def _compiled(parts, steps: int) -> dict:
     """The run's precision under torch.compile: compile seconds (first steps) apart from images/s."""
-    from .optim import build_optimizer
-
-    model = copy.deepcopy(s.model)
+    model = copy.deepcopy(parts.model)
     compiled = torch.compile(model)
-    step = Step.create(compiled, build_optimizer(model, s.cfg.optimizer), s.precision, s.device)
-    images, labels = synthetic_batch(s.cfg.data.batch_size, len(s.classes), s.device, s.precision.batch_dtype)
+    step = Step.create(compiled, build_optimizer(model, parts.cfg.optimizer), parts.precision, parts.device)
+    images, labels = synthetic_batch(parts.cfg.data.batch_size, len(parts.classes), parts.device,
+                                     parts.precision.batch_dtype)
     begin = time.perf_counter()
     step_rate(step, images, labels, steps=1, warmup=1)  # compiles (forward, backward, optimizer)
     compile_s = time.perf_counter() - begin

@@ -5,6 +5,7 @@ code; a file that is not one (or was tampered with) is a one-line UserError.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
@@ -64,6 +65,19 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+@contextlib.contextmanager
+def rng_and_epoch_restored(loader):
+    """Steps that leave no trace on the run (the LR range test, the budget's timing): the random state and
+    `loader`'s epoch (which orders and augments its next iteration) are put back as they were, whatever happens."""
+    rng, epoch = rng_state(), getattr(loader, "epoch", None)
+    try:
+        yield
+    finally:
+        set_rng_state(rng)
+        if epoch is not None:
+            loader.set_epoch(epoch)
 
 
 def set_rng_state(state: dict) -> str | None:

@@ -154,7 +154,7 @@ def bench_train_command(
     if as_json:
         typer.echo(json.dumps(r))
         return
-    from .speed import cpu_model
+    from .precision import cpu_model
 
     typer.echo(f"{r['model']}, batch {r['batch_size']}, {r['device']} ({cpu_model()}), {r['threads']} threads; "
                f"precision auto -> {r['auto']}, this config runs {r['precision']}")
@@ -195,7 +195,7 @@ def bench_speedrun_command(
     if as_json:
         typer.echo(json.dumps(r))
         return
-    from .speed import cpu_model
+    from .precision import cpu_model
 
     typer.echo(f"{cfg.name}: {runs} runs on {cpu_model()}: test accuracy {r['mean_accuracy']:.2f}% "
                f"(sd {r['std_accuracy']:.2f}; {', '.join(f'{a:.2f}' for a in r['accuracies'])}), "

@@ -3,9 +3,16 @@
 Every key has a default (an empty file is a valid experiment); unknown keys
 and ill-typed values are one-line UserErrors naming the key. `--set a.b=v`
 overrides apply to the raw mapping before validation, so they are checked too.
+
+The names optimizer.name and scheduler.name take are checked against the registries themselves
+(`train.optim.optimizers`, `train.optim.schedules`), which load without torch, so each name is written
+once, where it is defined, and a config's mistakes are still reported before torch loads. Model names
+are checked where the model is built (`train.models.create_model`): that registry needs torch, and
+`timm:<name>` asks timm.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -18,7 +25,7 @@ from fastloader.config import DataConfig, parse, to_dict
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # resnet18 | resnet34 | custom_resnet | timm:<name>
+    name: str = "resnet18"  # a name in train.models.MODELS, or timm:<any timm model>
     norm: Literal["batch", "layer", "group", "instance"] = "batch"
     num_classes: Optional[int] = None  # default: the dataset's
     pretrained: bool = False  # timm only; needs the weights in the local cache
@@ -30,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw", "roles"] = "sgd"
+    name: str = "sgd"  # a name in train.optim.optimizers.optimizer_names()
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
@@ -38,11 +45,14 @@ class OptimizerConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     no_decay_norm_bias: bool = False  # no weight decay on norm weights and biases
-    # name roles: one optimizer per parameter role (filters, norm_biases, whitening_bias, head, other), e.g.
+    # name roles: one optimizer per parameter role (ROLES), e.g.
     # {filters: {name: muon, lr: 0.24}, head: {name: sgd, lr: 0.5, momentum: 0.85, nesterov: true}}
     roles: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .optim.optimizers import optimizer_names
+
+        _known(self.name, optimizer_names(), "optimizer.name", "optimizer")
         if self.name == "roles" and not self.roles:
             raise UserError("optimizer.name roles needs optimizer.roles: {role: {name: muon | sgd, lr: ...}}")
         if self.lr <= 0:
@@ -53,14 +63,20 @@ class OptimizerConfig:
             raise UserError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
-# Parameter roles (train.param_groups splits a model by them): here, so that configs check role names
-# without importing torch.
+# Parameter roles (train.optim.roles splits a model by them; a module's `param_role` hook names one of these):
+# here, so that configs check role names without importing torch.
 ROLES = ("filters", "norm_biases", "whitening_bias", "head", "other")
+
+
+def _known(name, known, key: str, kind: str) -> None:
+    """A one-line UserError unless `name` is one of the `known` names a registry defines."""
+    if name not in known:
+        raise UserError(f"{key}: unknown {kind} {name!r}; known: {', '.join(known)}")
 
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["onecycle", "step", "plateau", "cosine", "linear", "none"] = "onecycle"
+    name: str = "onecycle"  # a name in train.optim.schedules.SCHEDULERS
     # onecycle (stepped per batch)
     max_lr: Union[float, Literal["find"], None] = None  # default: optimizer.lr; "find": LR range test first
     # the first (and, with final_div_factor 1, the last) LR; sets div_factor = max_lr / start_lr.
@@ -93,6 +109,9 @@ class SchedulerConfig:
     role_epochs: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .optim.schedules import SCHEDULERS
+
+        _known(self.name, list(SCHEDULERS), "scheduler.name", "scheduler")
         if not 0 < self.pct_start < 1:
             raise UserError(f"scheduler.pct_start must be in (0, 1), got {self.pct_start}")
         if self.peak_epoch is not None and self.peak_epoch <= 0:
@@ -142,7 +161,9 @@ class TrainConfig:
     select_best_on: Literal["test", "val"] = "test"  # the split whose accuracy picks checkpoint_best.pt
     ema_decay: Optional[float] = None  # evaluate (and checkpoint_best) an exponential moving average of the weights
     ema_every: int = 1  # optimizer steps between EMA updates
-    whitening_bias_epochs: Optional[int] = None  # airnet: stop training the whitening conv's bias after N epochs
+    # airnet: stop training the whitening conv's bias after N epochs; default: scheduler.role_epochs.whitening_bias,
+    # the epochs over which its LR falls (ExperimentConfig)
+    whitening_bias_epochs: Optional[int] = None
     # deterministic algorithms (torch, cuDNN, cuBLAS), so identical reruns hold on GPUs too, at a cost
     # (hardware.set_deterministic; docs/distributed.md)
     deterministic: bool = False
@@ -226,6 +247,10 @@ class ExperimentConfig:
             raise UserError("train.select_best_on val needs a validation split: set data.val_split")
         if self.scheduler.start_lr is not None and self.scheduler.name != "onecycle":
             raise UserError(f"scheduler.start_lr applies to onecycle, not {self.scheduler.name}")
+        if self.train.whitening_bias_epochs is None and "whitening_bias" in self.scheduler.role_epochs:
+            # the whitening bias stops training once its LR has fallen (airbench: 3 epochs), so one key says both;
+            # frozen from the first epoch that starts after its LR reached the end
+            self.train.whitening_bias_epochs = math.ceil(self.scheduler.role_epochs["whitening_bias"])
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -48,7 +48,7 @@ def cuda_precision(device: torch.device) -> str:
 
 
 def set_deterministic(on: bool) -> None:
-    """`train.deterministic`, applied at the start of every run (`setup.build`), either way, so that each run of a
+    """`train.deterministic`, applied at the start of every run (`parts.build`), either way, so that each run of a
     sweep gets its own setting.
 
     On: torch's deterministic algorithms, cuDNN's deterministic kernels without autotuning (benchmark off), and
@@ -122,8 +122,8 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """The Precision a name stands for. A run resolves `auto` by measurement first (`speed.auto_precision`,
-    in `setup.build`); "auto" reaching here (a run saved before that, analysed now) means bf16 on the CPU,
+    """The Precision a name stands for. A run resolves `auto` by measurement first (`precision.auto_precision`,
+    in `parts.build`); "auto" reaching here (a run saved before that, analysed now) means bf16 on the CPU,
     and on CUDA bf16 where supported, else fp16 with a GradScaler."""
     if name == "auto":
         name = cuda_precision(device) if device.type == "cuda" else "bf16"

@@ -2,8 +2,8 @@
 
 Read it top to bottom: `fit` is the story, `train_epoch` and `evaluate` are the two passes.
 One optimizer step is `step.train_step` (shared with the LR range test and the benchmarks); what
-surrounds the story lives beside it in named pieces: `setup.build` (model, loaders, precision),
-`state.start` (optimizer, schedule, step), `record.Recorder` (run folder, checkpoints, metrics,
+surrounds the story lives beside it in named pieces: `parts.build` (model, loaders, precision),
+`state.start_training` (optimizer, schedule, step), `record.Recorder` (run folder, checkpoints, metrics,
 TensorBoard), `distributed` (agreement between ranks), `stop.StopRequest` (Ctrl-C).
 
 Metrics are accumulated on the device and read once per progress update, so CUDA never waits on
@@ -32,9 +32,9 @@ from .lr_find import resolve_max_lr
 from .metrics import Pass, Progress, metrics_line, monitored, timing_line
 from .record import Recorder
 from .run import RunDir
-from .setup import Setup, build
-from .speed import resolve_budget
-from .state import Training, start
+from .parts import RunParts, build
+from .budget import resolve_budget
+from .state import Training, start_training
 from .step import train_step
 from .stop import StopRequest, check, handling
 from .tta import eval_logits
@@ -71,125 +71,127 @@ def fit(cfg: ExperimentConfig, run: RunDir, resume: bool = False, stop_after: in
 def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | None, device,
          started: float) -> list[dict]:
     # 1. Model, loaders, precision; what the config leaves to measurement becomes numbers
-    s = build(cfg, device)
+    parts = build(cfg, device)
     if not resume:
-        resolve_at_start(s, started)  # the LR range test ends early on a stop request
+        resolve_at_start(parts, started)  # the LR range test ends early on a stop request
     check("during set-up, before training started; nothing new was written")
-    t = start(s)
-    rec = Recorder(run, s)
+    training = start_training(parts)
+    rec = Recorder(run, parts)
     rec.open(resume)
-    for line in s.notes:
+    for line in parts.notes:
         rec.log(line)
 
     # 2. Start, or continue from the last checkpoint (mid-epoch if it was saved there)
     if resume:
-        saved = rec.resume(t)
+        saved = rec.resume(training)
     else:
         saved = None
-        rec.begin(t)
+        rec.begin(training)
 
     # 3. The epochs
-    epochs = s.cfg.train.epochs
+    epochs = parts.cfg.train.epochs
     last_epoch = min(epochs, stop_after or epochs)
-    with handling(quiet=not s.world.main) as stop:  # fit installed it: the same request
-        for epoch in range(t.epoch, last_epoch):
-            t.begin_epoch(epoch, s.cfg)
-            progress = train_epoch(s, t, epoch, stop, saved,
-                                   lambda p, running: rec.save_partial(t, epoch, p, running))
+    with handling(quiet=not parts.world.main) as stop:  # fit installed it: the same request
+        for epoch in range(training.epoch, last_epoch):
+            training.begin_epoch(epoch, parts.cfg)
+            progress = train_epoch(parts, training, epoch, stop, saved,
+                                   lambda so_far, running: rec.save_partial(training, epoch, so_far, running))
             saved = None
-            if progress.batch < len(s.train_loader):  # stopped mid-epoch
-                raise rec.interrupted(t, epoch, progress)
-            distributed.broadcast_buffers(t.model)  # BatchNorm statistics: rank 0's on every rank
+            if progress.batch < len(parts.train_loader):  # stopped mid-epoch
+                raise rec.interrupted(training, epoch, progress)
+            distributed.broadcast_buffers(training.model)  # BatchNorm statistics: rank 0's on every rank
             train = progress.summed(device)
             if not math.isfinite(train.loss):
                 raise Diverged(f"loss became {train.loss} in epoch {epoch + 1}; stopping "
                                f"(the last good checkpoint, if any, is kept)")
-            tta = not s.cfg.eval.tta_last_only or epoch + 1 == epochs
-            with t.evaluation() as model:  # the averaged weights with train.ema_decay
-                test = evaluate(s, model, tta=tta)
-                val = evaluate(s, model, s.val_loader, tta=tta) if s.val_loader is not None else None
+            tta = not parts.cfg.eval.tta_last_only or epoch + 1 == epochs
+            with training.evaluation() as model:  # the averaged weights with train.ema_decay
+                test = evaluate(parts, model, tta=tta)
+                val = evaluate(parts, model, parts.val_loader, tta=tta) if parts.val_loader is not None else None
             watched = monitored(test, val)
-            t.schedule.after_epoch(watched)
-            used = s.cfg.eval.tta if tta and s.cfg.eval.tta != "none" else None
-            t.history.append(metrics_line(epoch + 1, progress.lr, train, test, val, tta=used))
-            t.timing.append(timing_line(epoch + 1, train, test, s.world.size, val))
-            chosen = watched[f"{s.cfg.train.select_best_on}_acc"]  # train.select_best_on: the best checkpoint's split
-            improved = chosen > t.best_acc
-            t.best_acc = max(t.best_acc, chosen)
-            rec.epoch_end(t, improved)
+            training.schedule.after_epoch(watched)
+            used = parts.cfg.eval.tta if tta and parts.cfg.eval.tta != "none" else None
+            training.history.append(metrics_line(epoch + 1, progress.lr, train, test, val, tta=used))
+            training.timing.append(timing_line(epoch + 1, train=train, test=test, world=parts.world.size, val=val))
+            # train.select_best_on: the split whose accuracy picks the best checkpoint
+            chosen = watched[f"{parts.cfg.train.select_best_on}_acc"]
+            improved = chosen > training.best_acc
+            training.best_acc = max(training.best_acc, chosen)
+            rec.epoch_end(training, improved)
             if epoch + 1 < last_epoch and distributed.any_rank(stop.requested, device):
-                raise rec.interrupted(t, epoch + 1, None)
+                raise rec.interrupted(training, epoch + 1, None)
     rec.close()
-    return t.history
+    return training.history
 
 
-def resolve_at_start(s: Setup, started: float) -> None:
-    """`max_lr: find` (an LR range test) and `train.budget` (timed steps) become numbers in `s.cfg`, which
+def resolve_at_start(parts: RunParts, started: float) -> None:
+    """`max_lr: find` (an LR range test) and `train.budget` (timed steps) become numbers in `parts.cfg`, which
     config.yaml stores: resume and reruns need neither. Every rank measures, in step with the others (the
     range test stops on the loss averaged over ranks, the budget times the same number of steps on each), so
     SyncBatchNorm's collectives run on all ranks alike; every rank takes rank 0's numbers."""
-    s.cfg = distributed.from_main(resolve_max_lr(s.cfg, s, log=s.notes.append), s.device)
-    cfg, line = distributed.from_main(resolve_budget(s, started), s.device)
-    s.cfg = cfg
+    parts.cfg = distributed.from_main(resolve_max_lr(parts.cfg, parts, log=parts.notes.append), parts.device)
+    cfg, line = distributed.from_main(resolve_budget(parts, started), parts.device)
+    parts.cfg = cfg
     if line:
-        s.notes.append(line)
+        parts.notes.append(line)
 
 
-def train_epoch(s: Setup, t: Training, epoch: int, stop: StopRequest | None = None, saved: dict | None = None,
-                save_partial: Callable[[Progress, float], None] | None = None) -> Progress:
+def train_epoch(parts: RunParts, training: Training, epoch: int, stop: StopRequest | None = None,
+                saved: dict | None = None, save_partial: Callable[[Progress, float], None] | None = None) -> Progress:
     """One epoch (from batch `saved["batch"]` when resuming mid-epoch); ends early on a stop request.
 
     `save_partial(progress, seconds_running)` runs after every `train.checkpoint_every`-th batch.
     """
-    t.step.model.train()
-    p = Progress.start(t.schedule.lr, s.device, saved)
-    every = s.cfg.train.checkpoint_every
-    s.train_loader.set_epoch(epoch)
-    n, world = len(s.train_loader), s.world
-    bar = tqdm(total=n, initial=p.batch, desc=f"epoch {epoch + 1}/{s.cfg.train.epochs}", leave=False,
+    training.step.model.train()
+    progress = Progress.start(training.schedule.lr, parts.device, saved)
+    every = parts.cfg.train.checkpoint_every
+    parts.train_loader.set_epoch(epoch)
+    n, world = len(parts.train_loader), parts.world
+    bar = tqdm(total=n, initial=progress.batch, desc=f"epoch {epoch + 1}/{parts.cfg.train.epochs}", leave=False,
                disable=None if world.main else True, dynamic_ncols=True)
     start_time = time.perf_counter()
-    for index, (images, labels) in enumerate(s.train_loader):
-        if index < p.batch:  # done before the interruption: same order and augmentations, so skip
+    for index, (images, labels) in enumerate(parts.train_loader):
+        if index < progress.batch:  # done before the interruption: same order and augmentations, so skip
             continue
-        loss, logits = train_step(t.step, images, labels)
-        p.add(loss, logits, labels)
-        report = p.batch % PROGRESS_EVERY == 0 or p.batch == n
+        loss, logits = train_step(training.step, images, labels)
+        progress.add(loss, logits, labels)
+        report = progress.batch % PROGRESS_EVERY == 0 or progress.batch == n
         if report and world.main:
-            mean_loss = p.loss_sum.item() / p.count
+            mean_loss = progress.loss_sum.item() / progress.count
             if not math.isfinite(mean_loss) and not world.active:  # distributed: checked on the summed epoch
                 bar.close()
-                raise Diverged(f"loss became {mean_loss} at epoch {epoch + 1}, batch {p.batch}; "
+                raise Diverged(f"loss became {mean_loss} at epoch {epoch + 1}, batch {progress.batch}; "
                                f"stopping (the last good checkpoint, if any, is kept)")
-            elapsed = p.seconds + time.perf_counter() - start_time
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{100 * p.correct.item() / p.count:.2f}%",
-                            lr=f"{t.schedule.lr:.2e}", img_s=f"{p.count * world.size / elapsed:,.0f}", refresh=False)
+            elapsed = progress.seconds + time.perf_counter() - start_time
+            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{100 * progress.correct.item() / progress.count:.2f}%",
+                            lr=f"{training.schedule.lr:.2e}", img_s=f"{progress.count * world.size / elapsed:,.0f}",
+                            refresh=False)
         bar.update(1)
-        if stop is not None and p.batch < n and (report if world.active else True):
+        if stop is not None and progress.batch < n and (report if world.active else True):
             # distributed: every rank must stop after the same batch, so they agree (every few batches)
-            if distributed.any_rank(stop.requested, s.device):
+            if distributed.any_rank(stop.requested, parts.device):
                 break
-        if save_partial is not None and every and p.batch % every == 0 and p.batch < n:
-            save_partial(p, time.perf_counter() - start_time)
+        if save_partial is not None and every and progress.batch % every == 0 and progress.batch < n:
+            save_partial(progress, time.perf_counter() - start_time)
     bar.close()
-    p.seconds += time.perf_counter() - start_time
-    return p
+    progress.seconds += time.perf_counter() - start_time
+    return progress
 
 
 @torch.no_grad()
-def evaluate(s: Setup, model, loader=None, tta: bool = True) -> Pass:
+def evaluate(parts: RunParts, model, loader=None, tta: bool = True) -> Pass:
     """Loss and accuracy over the (test) loader, with the `eval:` section's test-time augmentation;
     distributed: each rank its shard, sums all-reduced."""
     model.eval()
-    loader = loader or s.test_loader
-    loss_sum = torch.zeros((), device=s.device)
-    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    loader = loader or parts.test_loader
+    loss_sum = torch.zeros((), device=parts.device)
+    correct = torch.zeros((), device=parts.device, dtype=torch.long)
     count, start_time = 0, time.perf_counter()
     for images, labels in loader:
-        with s.precision.autocast(s.device):
-            logits = eval_logits(model, images, s.cfg.eval if tta else None)
+        with parts.precision.autocast(parts.device):
+            logits = eval_logits(model, images, parts.cfg.eval if tta else None)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
-    loss_sum, correct, count = distributed.all_sum([loss_sum.item(), correct.item(), count], s.device)
+    loss_sum, correct, count = distributed.all_sum([loss_sum.item(), correct.item(), count], parts.device)
     return Pass(loss_sum / max(count, 1), int(correct), int(count), time.perf_counter() - start_time)

@@ -41,7 +41,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import ExperimentConfig
 from .optim import build_optimizer
-from .setup import Setup, build
+from .parts import RunParts, build
 from .step import Step, train_step
 from .stop import requested as stop_requested
 
@@ -74,55 +74,52 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
     _check_range(start, end, iters, smooth, diverge)
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
-    rng_state = ckpt.rng_state()
-    loader_epoch = getattr(loader, "epoch", None)
     was_training = model.training
-    step = Step.create(model, optimizer, precision, device, train_cfg)  # no schedule: the LR is set here
+    step = Step.create(model, optimizer, precision=precision, device=device, train_cfg=train_cfg)  # LR set here
     factor = (end / start) ** (1.0 / (iters - 1))
     lrs, losses, smoothed = [], [], []
     avg, best, stop_reason, interrupted = 0.0, math.inf, None, False
-    batches = cycle(loader)
-    try:
-        model.train()
-        bar = _bar(iters, progress)
-        for i in range(iters):
-            images, labels = next(batches)
-            lr = start * factor ** i
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, _ = train_step(step, images, labels)
-            # under torchrun every rank tests on its shard: the mean loss over ranks decides for all, so they
-            # stop at the same step (SyncBatchNorm's collectives in each forward must match; rank 0's result is used)
-            # a stop request (Ctrl-C, SIGTERM) on any rank travels in the same sum: every rank stops after this step
-            loss_sum, stops = distributed.all_sum([float(loss.float().item()), float(stop_requested())], device)
-            if stops:
-                interrupted = True
-                break
-            value = loss_sum / distributed.current().size
-            avg = smooth * avg + (1 - smooth) * value
-            s = avg / (1 - smooth ** (i + 1))
-            bar.update(1)
-            if not math.isfinite(s):
-                stop_reason = f"loss became {value} at lr {lr:.3e}"
-                break
-            lrs.append(lr)
-            losses.append(value)
-            smoothed.append(s)
-            best = min(best, s)
-            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{s:.4f}", refresh=False)
-            if s > diverge * best:
-                stop_reason = f"smoothed loss {s:.4f} > {diverge:g} x best {best:.4f} at lr {lr:.3e}"
-                break
-        bar.close()
-    finally:
-        batches.close()  # ends the epoch in progress
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        optimizer.zero_grad(set_to_none=True)
-        ckpt.set_rng_state(rng_state)
-        if loader_epoch is not None:
-            loader.set_epoch(loader_epoch)
-        model.train(was_training)
+    with ckpt.rng_and_epoch_restored(loader):
+        batches = cycle(loader)
+        try:
+            model.train()
+            bar = _bar(iters, progress)
+            for i in range(iters):
+                images, labels = next(batches)
+                lr = start * factor ** i
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, _ = train_step(step, images, labels)
+                # under torchrun every rank tests on its shard: the mean loss over ranks decides for all, so they
+                # stop at the same step (SyncBatchNorm's collectives in each forward must match; rank 0's result
+                # is used); a stop request (Ctrl-C, SIGTERM) on any rank travels in the same sum: every rank stops
+                # after this step
+                loss_sum, stops = distributed.all_sum([float(loss.float().item()), float(stop_requested())], device)
+                if stops:
+                    interrupted = True
+                    break
+                value = loss_sum / distributed.current().size
+                avg = smooth * avg + (1 - smooth) * value
+                smoothed_loss = avg / (1 - smooth ** (i + 1))
+                bar.update(1)
+                if not math.isfinite(smoothed_loss):
+                    stop_reason = f"loss became {value} at lr {lr:.3e}"
+                    break
+                lrs.append(lr)
+                losses.append(value)
+                smoothed.append(smoothed_loss)
+                best = min(best, smoothed_loss)
+                bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smoothed_loss:.4f}", refresh=False)
+                if smoothed_loss > diverge * best:
+                    stop_reason = f"smoothed loss {smoothed_loss:.4f} > {diverge:g} x best {best:.4f} at lr {lr:.3e}"
+                    break
+            bar.close()
+        finally:
+            batches.close()  # ends the epoch in progress
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+            optimizer.zero_grad(set_to_none=True)
+            model.train(was_training)
     if interrupted:
         raise Interrupted(f"the LR range test stopped after {len(lrs)} of {iters} steps; nothing was written")
     if len(lrs) < 2:
@@ -175,9 +172,9 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
 
 
 def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters: int = 100,
-            smooth: float = 0.98, diverge: float = 4.0, setup: Optional[Setup] = None, optimizer=None,
+            smooth: float = 0.98, diverge: float = 4.0, parts: Optional[RunParts] = None, optimizer=None,
             progress: bool = True) -> dict:
-    """The LR range test for `cfg`: on `setup` (a `train.setup.Setup`; built from cfg when None),
+    """The LR range test for `cfg`: on `parts` (a `train.parts.RunParts`; built from cfg when None),
     with `optimizer` (default: `build_optimizer(model, cfg.optimizer)`, its LR set per step).
 
     Model, optimizer, RNG and loader epoch are restored afterwards. Returns a dict with the
@@ -185,11 +182,11 @@ def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters
     `stopped_early`/`stop_reason`, the arguments, and `suggestions` {steepest, valley, min/10}.
     """
     _check_range(start, end, iters, smooth, diverge)
-    if setup is None:
-        setup = build(cfg)
+    if parts is None:
+        parts = build(cfg)
     if optimizer is None:
-        optimizer = build_optimizer(setup.model, cfg.optimizer)
-    return range_test(setup.model, setup.train_loader, optimizer, precision=setup.precision, device=setup.device,
+        optimizer = build_optimizer(parts.model, cfg.optimizer)
+    return range_test(parts.model, parts.train_loader, optimizer, precision=parts.precision, device=parts.device,
                       start=start, end=end, iters=iters, smooth=smooth, diverge=diverge,
                       train_cfg=cfg.train, progress=progress)
 
@@ -255,11 +252,11 @@ def describe(result: dict) -> list[str]:
 # ---------------------------------------------------------------- max_lr: find
 
 
-def resolve_max_lr(cfg: ExperimentConfig, setup, log: Callable[[str], None] = print,
+def resolve_max_lr(cfg: ExperimentConfig, parts, log: Callable[[str], None] = print,
                    out: Optional[Path] = None, *, start: float = 1e-7, end: float = 10.0,
                    iters: int = 100) -> ExperimentConfig:
     """`scheduler.max_lr: find` and `scheduler.start_lr: find` -> numbers: for a OneCycle config asking
-    for either, run one range test (by default 1e-7 to 10 over 100 batches) on `setup`'s model and
+    for either, run one range test (by default 1e-7 to 10 over 100 batches) on `parts`' model and
     train loader, restoring them, and return a copy of `cfg` with max_lr the `valley` suggestion and
     start_lr the start of the longest descent (each only where asked). Any other config is returned
     as it is (the same object). With `out`, lr_find.json/png are written there too.
@@ -267,7 +264,7 @@ def resolve_max_lr(cfg: ExperimentConfig, setup, log: Callable[[str], None] = pr
     sched = cfg.scheduler
     if sched.name != "onecycle" or "find" not in (sched.max_lr, sched.start_lr):
         return cfg
-    result = lr_find(cfg, start=start, end=end, iters=iters, setup=setup)
+    result = lr_find(cfg, start=start, end=end, iters=iters, parts=parts)
     found = {}
     if sched.max_lr == "find":
         found["max_lr"] = float(result["suggestions"][MAX_LR_SUGGESTION])

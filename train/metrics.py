@@ -39,13 +39,13 @@ class Progress:
 
     @classmethod
     def start(cls, lr: float, device: torch.device, saved: dict | None = None) -> "Progress":
-        p = cls(lr, torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+        progress = cls(lr, torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
         if saved:
-            p.loss_sum.fill_(float(saved["loss_sum"]))  # float32 -> float -> float32: exact
-            p.correct.fill_(int(saved["correct"]))
-            p.count, p.batch, p.seconds = int(saved["count"]), int(saved["batch"]), float(saved["seconds"])
-            p.lr = float(saved["lr"])
-        return p
+            progress.loss_sum.fill_(float(saved["loss_sum"]))  # float32 -> float -> float32: exact
+            progress.correct.fill_(int(saved["correct"]))
+            progress.count, progress.batch, progress.seconds = int(saved["count"]), int(saved["batch"]), float(saved["seconds"])
+            progress.lr = float(saved["lr"])
+        return progress
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One batch's sums, kept on the device (read back only for progress updates)."""

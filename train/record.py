@@ -11,78 +11,82 @@ from . import checkpoint, distributed
 from .metrics import Progress, run_summary, summary_line
 from .models import count_parameters
 from .run import RunDir
-from .setup import Setup
+from .parts import RunParts
 from .state import Training
 
 
 class Recorder:
     """The run folder of one training process (writes on rank 0)."""
 
-    def __init__(self, run: RunDir, s: Setup):
-        self.run, self.s = run, s
-        self.main = s.world.main
+    def __init__(self, run: RunDir, parts: RunParts):
+        self.run, self.parts = run, parts
+        self.main = parts.world.main
         self.board = None
 
     def open(self, resume: bool) -> None:
         """Create the folder (after every check: a failed start leaves none behind) and TensorBoard."""
-        distributed.on_main(lambda: self.run.create(self.s.cfg.to_dict(), resume), self.s.device)
+        distributed.on_main(lambda: self.run.create(self.parts.cfg.to_dict(), resume), self.parts.device)
 
     def log(self, line: str, echo: bool = True) -> None:
         if self.main:
             self.run.log(line, echo)
 
-    def resume(self, t: Training) -> dict | None:
+    def resume(self, training: Training) -> dict | None:
         """Load the last checkpoint into `t`; returns its mid-epoch progress, if any."""
-        saved = t.load_state_dict(checkpoint.load(self.run.last), self.run.last)  # on the CPU: RNG stays there
+        saved = training.load_state_dict(checkpoint.load(self.run.last), self.run.last)  # on the CPU: RNG stays there
         if saved and not self.main:  # rank 0's saved sums already hold every rank's share
             saved = {**saved, "loss_sum": 0.0, "correct": 0, "count": 0}
         if self.main:
-            self._records(t)  # a crash may have left them behind the checkpoint
-        where = f"epoch {t.epoch + 1}, batch {saved['batch']}" if saved else f"epoch {t.epoch}"
-        self.log(f"resumed {self.run.path} after {where} of {self.s.cfg.train.epochs}")
-        for line in t.notes:  # what the checkpoint held that this machine could not take (another GPU count)
+            self._records(training)  # a crash may have left them behind the checkpoint
+        where = f"epoch {training.epoch + 1}, batch {saved['batch']}" if saved else f"epoch {training.epoch}"
+        self.log(f"resumed {self.run.path} after {where} of {self.parts.cfg.train.epochs}")
+        for line in training.notes:  # what the checkpoint held that this machine could not take (another GPU count)
             self.log(line)
-        self._open_board(t.epoch)
+        self._open_board(training.epoch)
         return saved
 
-    def begin(self, t: Training) -> None:
-        s, cfg = self.s, self.s.cfg
-        world = s.world
-        self.log(f"run {cfg.name}: {cfg.model.name} ({cfg.model.norm} norm), {count_parameters(t.model):,} parameters, "
-                 f"{cfg.optimizer.name} + {cfg.scheduler.name}, {cfg.train.epochs} epochs, batch {cfg.data.batch_size}"
-                 f"{f' over {world.size} processes' if world.active else ''}, {s.precision.name} on {s.device}; "
-                 f"{s.train_loader.num_samples:,} train / {s.test_loader.num_samples:,} test images")
+    def begin(self, training: Training) -> None:
+        parts, cfg = self.parts, self.parts.cfg
+        world = parts.world
+        self.log(f"run {cfg.name}: {cfg.model.name} ({cfg.model.norm} norm), {count_parameters(training.model):,} "
+                 f"parameters, {cfg.optimizer.name} + {cfg.scheduler.name}, {cfg.train.epochs} epochs, batch "
+                 f"{cfg.data.batch_size}{f' over {world.size} processes' if world.active else ''}, "
+                 f"{parts.precision.name} on {parts.device}; "
+                 f"{parts.train_loader.num_samples:,} train / {parts.test_loader.num_samples:,} test images")
         self._open_board(0)
 
-    def epoch_end(self, t: Training, improved: bool) -> None:
-        """The epoch t.history[-1] is done: best and last checkpoints, metrics, the summary line, TensorBoard."""
-        metrics, times = t.history[-1], t.timing[-1]
+    def epoch_end(self, training: Training, improved: bool) -> None:
+        """The epoch training.history[-1] is done: best and last checkpoints, metrics, the summary line, TensorBoard."""
+        metrics, times = training.history[-1], training.timing[-1]
 
         def write() -> None:
-            state = t.state_dict(self.s.cfg, metrics["epoch"])
+            state = training.state_dict(self.parts.cfg, metrics["epoch"])
             if improved:  # best before last: a crash between the two re-runs this epoch and rewrites both
                 checkpoint.save(self.run.best, state)
             checkpoint.save(self.run.last, state)
-            self._records(t)
-            self.run.log(summary_line(metrics, times, self.s.cfg.train.epochs))
+            self._records(training)
+            self.run.log(summary_line(metrics, times, self.parts.cfg.train.epochs))
             for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc"):
                 if key in metrics:
                     self.board.add_scalar(key, metrics[key], metrics["epoch"])
             self.board.add_scalar("images_per_s", times["images_per_s"], metrics["epoch"])
             self.board.flush()
 
-        distributed.on_main(write, self.s.device)
+        distributed.on_main(write, self.parts.device)
 
-    def save_partial(self, t: Training, epochs_done: int, progress: Progress, running: float = 0.0) -> None:
+    def save_partial(self, training: Training, epochs_done: int, progress: Progress, running: float = 0.0) -> None:
         """A mid-epoch checkpoint: resume continues after `progress.batch` batches of the next epoch."""
-        partial = progress.global_state(self.s.device, running)
-        distributed.on_main(lambda: checkpoint.save(self.run.last, t.state_dict(self.s.cfg, epochs_done, partial)),
-                            self.s.device)
+        partial = progress.global_state(self.parts.device, running)
 
-    def interrupted(self, t: Training, epochs_done: int, progress: Progress | None) -> Interrupted:
+        def save() -> None:
+            checkpoint.save(self.run.last, training.state_dict(self.parts.cfg, epochs_done, partial))
+
+        distributed.on_main(save, self.parts.device)
+
+    def interrupted(self, training: Training, epochs_done: int, progress: Progress | None) -> Interrupted:
         """Save a resumable checkpoint (mid-epoch; at an epoch's end it is saved already); the error to raise."""
         if progress is not None:
-            self.save_partial(t, epochs_done, progress)
+            self.save_partial(training, epochs_done, progress)
         after = f"epoch {epochs_done + 1}, batch {progress.batch}" if progress else f"epoch {epochs_done}"
         where, then = f"checkpoint saved after {after} in {self.run.path}", f"fastcifar train --resume {self.run.path}"
         self.log(f"interrupted: {where}; continue with: {then}", echo=False)  # the CLI prints it, on stderr
@@ -92,12 +96,13 @@ class Recorder:
         if self.board is not None:
             self.board.close()
 
-    def _records(self, t: Training) -> None:
+    def _records(self, training: Training) -> None:
         """metrics.jsonl, timing.jsonl and summary.json from the history (the checkpoint's, on resume)."""
-        self.run.write_metrics(t.history)
-        self.run.write_timing(t.timing)
-        if t.history:
-            self.run.write_summary(run_summary(self.s.cfg, count_parameters(t.model), t.history, t.timing))
+        self.run.write_metrics(training.history)
+        self.run.write_timing(training.timing)
+        if training.history:
+            self.run.write_summary(run_summary(self.parts.cfg, count_parameters(training.model), training.history,
+                                               training.timing))
 
     def _open_board(self, start_epoch: int) -> None:
         """TensorBoard events in run/tb; on resume, events past the checkpoint are dropped."""

@@ -1,6 +1,6 @@
 """The state a run carries from epoch to epoch, and the checkpoint it becomes.
 
-`start` builds it from a `Setup`: optimizer, schedule, the step (with the model DDP-wrapped and
+`start_training` builds it from a run's `RunParts`: optimizer, schedule, the step (with the model DDP-wrapped and
 compiled where asked) and the model evaluation runs. `state_dict`/`load_state_dict` turn it into
 plain data and back (a checkpoint, read with `weights_only=True`).
 """
@@ -15,11 +15,10 @@ import torch
 from beton.errors import UserError
 
 from . import checkpoint, distributed
-from .airnet import WhiteningConv
-from .averaging import EMA
+from .models import module_hooks
 from .optim import Schedule, build_optimizer, build_schedule
-from .param_groups import freeze
-from .setup import Setup
+from .optim.averaging import EMA
+from .parts import RunParts
 from .step import Step
 
 
@@ -41,7 +40,8 @@ class Training:
         return self.step.optimizer
 
     def begin_epoch(self, epoch: int, cfg) -> None:
-        """What changes at an epoch boundary: airnet's whitening bias stops training after N epochs.
+        """What changes at an epoch boundary: the model's `begin_epoch` hooks run (the contract: `train.models`);
+        airnet's whitening bias stops training after N epochs.
 
         Frozen means requires_grad off, as in one process (no gradient, no optimizer update, and no
         backward through the whitening conv's output: that is the speed the freeze is for). Under
@@ -49,9 +49,8 @@ class Training:
         to that set here re-wraps the step's model (`distributed.rewrap`); every rank does it at the
         same epoch. One process trains exactly as before."""
         trainable = _trainable(self.model)
-        n = cfg.train.whitening_bias_epochs
-        if n is not None and epoch >= n:
-            freeze(p for m in self.model.modules() if isinstance(m, WhiteningConv) for p in [m.bias])
+        for begin_epoch in module_hooks(self.model, "begin_epoch"):
+            begin_epoch(epoch, cfg.train)
         if _trainable(self.model) != trainable:
             wrapped = getattr(self.step.model, "_orig_mod", self.step.model)  # the DDP under torch.compile
             rewrapped = distributed.rewrap(wrapped, self.step.device)
@@ -101,18 +100,20 @@ def _trainable(model: torch.nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in model.parameters())
 
 
-def start(s: Setup) -> Training:
-    """Optimizer, schedule and step for `s`'s model, at epoch 0."""
-    cfg = s.cfg
-    optimizer = build_optimizer(s.model, cfg.optimizer)
-    schedule = build_schedule(optimizer, cfg.scheduler, cfg.train.epochs, len(s.train_loader), cfg.optimizer.lr)
-    wrapped = distributed.wrap(s.model, s.device)
+def start_training(parts: RunParts) -> Training:
+    """Optimizer, schedule and step for the model of `parts`, at epoch 0."""
+    cfg = parts.cfg
+    optimizer = build_optimizer(parts.model, cfg.optimizer)
+    schedule = build_schedule(optimizer, cfg.scheduler, epochs=cfg.train.epochs,
+                              steps_per_epoch=len(parts.train_loader), base_lr=cfg.optimizer.lr)
+    wrapped = distributed.wrap(parts.model, parts.device)
     train_model = torch.compile(wrapped) if cfg.train.compile else wrapped
-    if not s.world.active:
+    if not parts.world.active:
         eval_model = train_model
     else:
-        eval_model = torch.compile(s.model) if cfg.train.compile else s.model
-    step = Step.create(train_model, optimizer, s.precision, s.device, cfg.train, schedule)
+        eval_model = torch.compile(parts.model) if cfg.train.compile else parts.model
+    step = Step.create(train_model, optimizer, precision=parts.precision, device=parts.device,
+                       train_cfg=cfg.train, schedule=schedule)
     if cfg.train.ema_decay is not None:
-        step.ema = EMA(s.model, cfg.train.ema_decay, cfg.train.ema_every)
-    return Training(s.model, step, eval_model, schedule, step.ema)
+        step.ema = EMA(parts.model, cfg.train.ema_decay, cfg.train.ema_every)
+    return Training(model=parts.model, step=step, eval_model=eval_model, schedule=schedule, ema=step.ema)

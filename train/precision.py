@@ -1,4 +1,4 @@
-"""Training speed, measured rather than assumed: images/s of the training step, and `precision: auto`.
+"""`precision: auto`, measured rather than assumed, and the images/s of the training step it measures.
 
 On the CPU, bf16 autocast was 2.7x faster than fp32 on one 2-core machine (AMD Zen 4) and slower
 on another (Intel Xeon, AVX-512 with bf16 but no AMX), so `auto` times a few steps of the run's own
@@ -105,14 +105,22 @@ def _write_cache(key: str, rates: dict) -> None:
 def measure_precisions(cfg, model: torch.nn.Module, device: torch.device, classes: int,
                        steps: int = PROBE_STEPS) -> dict[str, float]:
     """Images/s of fp32 and bf16 autocast, channels_last both, for the run's model and batch."""
-    return {name: rate(model, cfg.optimizer, resolve_precision(name, device), device, cfg.data.batch_size,
-                       classes, steps) for name in ("fp32", "bf16")}
+    return {name: rate(model, cfg.optimizer, precision=resolve_precision(name, device), device=device,
+                       batch=cfg.data.batch_size, classes=classes, steps=steps) for name in ("fp32", "bf16")}
+
+
+def chosen_precision(device: torch.device, rates: dict[str, float] | None = None) -> str:
+    """What `precision: auto` is: on CUDA `hardware.cuda_precision`; on the CPU the faster of fp32 and bf16 by
+    `rates` (images/s, channels_last both: `measure_precisions`). `bench train` reports the same choice."""
+    if device.type == "cuda":
+        return cuda_precision(device)
+    return "bf16" if rates["bf16"] > rates["fp32"] else "fp32"
 
 
 def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: int) -> tuple[str, str]:
     """(precision, the line for train.log): what `precision: auto` resolves to for this run."""
     if device.type == "cuda":
-        name = cuda_precision(device)
+        name = chosen_precision(device)
         return name, f"precision auto -> {name} (CUDA{'' if name == 'bf16' else ' without native bf16'})"
     own_torch_threads()  # importing FFCV left torch on one thread: time what training will use
     key = cache_key(cfg, device)
@@ -122,85 +130,6 @@ def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: i
         rates = measure_precisions(cfg, model, device, classes)
         _write_cache(key, rates)
         source = f"measured over {PROBE_STEPS} steps each"
-    name = "bf16" if rates["bf16"] > rates["fp32"] else "fp32"
+    name = chosen_precision(device, rates)
     return name, (f"precision auto -> {name}: fp32 {rates['fp32']:,.1f} vs bf16 {rates['bf16']:,.1f} images/s "
                   f"({cfg.model.name}, batch {cfg.data.batch_size}, channels_last; {source} on {cpu_model()})")
-
-
-# ---------------------------------------------------------------- train.budget
-
-BUDGET_WARMUP, BUDGET_STEPS, BUDGET_EVAL_BATCHES = 2, 6, 4
-
-
-def epoch_seconds(s, steps: int = BUDGET_STEPS, eval_batches: int = BUDGET_EVAL_BATCHES) -> tuple[float, float]:
-    """(train, evaluation) seconds of one epoch of Setup `s`, timed over a few real batches.
-
-    Steps train a copy of the model with a fresh optimizer (the run's model, RNG and loader epoch are
-    left as they were); the first BUDGET_WARMUP steps are not timed (compilation, caches). Under torchrun
-    every rank runs it on its shard (the same number of steps each): with model.sync_bn each training
-    forward is a collective, which one rank alone would wait on until train.dist_timeout."""
-    from fastloader.loaders import cycle
-
-    from . import checkpoint
-    from .optim import build_optimizer
-
-    model = copy.deepcopy(s.model)
-    step = Step.create(model, build_optimizer(model, s.cfg.optimizer), s.precision, s.device, s.cfg.train)
-    rng, epoch = checkpoint.rng_state(), getattr(s.train_loader, "epoch", None)
-    batches = cycle(s.train_loader)
-    try:
-        model.train()
-        for i in range(BUDGET_WARMUP + steps):
-            if i == BUDGET_WARMUP:
-                _sync(s.device)
-                begin = time.perf_counter()
-            images, labels = next(batches)
-            loss, _ = train_step(step, images, labels)
-        loss.item()
-        per_step = (time.perf_counter() - begin) / steps
-    finally:
-        batches.close()
-        checkpoint.set_rng_state(rng)
-        if epoch is not None:
-            s.train_loader.set_epoch(epoch)
-    model.eval()
-    timed, begin = 0, time.perf_counter()
-    with torch.no_grad():
-        for images, _ in s.test_loader:  # a whole test epoch would be the cost itself: a few batches
-            with s.precision.autocast(s.device):
-                model(images).float().sum().item()
-            timed += 1
-            if timed == 1:  # the first one warms up
-                begin = time.perf_counter()
-            elif timed == eval_batches + 1:
-                break
-    per_eval_batch = (time.perf_counter() - begin) / max(timed - 1, 1)
-    return per_step * len(s.train_loader), per_eval_batch * len(s.test_loader)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def budget_epochs(budget_s: float, spent_s: float, train_s: float, eval_s: float, max_epochs: int) -> int:
-    """Epochs whose training and evaluation fit in what is left of the budget (at least 1, at most max_epochs)."""
-    return int(max(1, min(max_epochs, (budget_s - spent_s) // (train_s + eval_s))))
-
-
-def resolve_budget(s, started: float) -> tuple[object, str | None]:
-    """`train.budget` -> a number of epochs: (config with epochs set and budget null, the line for train.log).
-
-    `started`: time.perf_counter() when the run began (what start-up already spent counts)."""
-    from dataclasses import replace
-
-    cfg = s.cfg
-    budget = cfg.train.budget_seconds()
-    if budget is None:
-        return cfg, None
-    train_s, eval_s = epoch_seconds(s)
-    spent = time.perf_counter() - started
-    epochs = budget_epochs(budget, spent, train_s, eval_s, cfg.train.epochs)
-    line = (f"train.budget {cfg.train.budget}: {epochs} epochs (at most {cfg.train.epochs}); one epoch measured at "
-            f"{train_s:.1f} s training + {eval_s:.1f} s evaluation, {spent:.1f} s spent before training")
-    return replace(cfg, train=replace(cfg.train, epochs=epochs, budget=None)), line

@@ -3,7 +3,7 @@
 A multiplier of the step, not a scheduler object: any number of parameter groups can each take
 their own (airbench decays the whitening bias's LR to zero over its first epochs and everything
 else over the whole run), torch's LambdaLR runs them (`LambdaLR(optimizer, [fn, ...])`, one per
-group; `train.param_groups.group_lambdas` picks them by role), a loop can also set
+group; `train.optim.roles.group_lambdas` picks them by role), a loop can also set
 `group["lr"] = base_lr * fn(step)` itself, and resuming is only knowing the step.
 
 Step counts from 0: the multiplier for step s is the one the s-th optimizer step uses (LambdaLR

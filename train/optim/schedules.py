@@ -1,80 +1,22 @@
-"""Optimizer and LR-schedule registries: torch's own classes, configured from the dataclasses.
+"""The LR-schedule registry: torch's schedulers, configured from `SchedulerConfig`.
 
 A `Schedule` hides when each torch scheduler steps: the loop calls `after_batch()` after every
 optimizer step and `after_epoch(metrics)` at each epoch end, whatever the scheduler.
+
+torch is imported inside the functions that use it: config validation reads `SCHEDULERS` from here,
+and a config's mistakes are reported before torch loads (seconds).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
-
-import torch
-from torch import nn
-from torch.optim import lr_scheduler
+from typing import TYPE_CHECKING, Callable, Optional
 
 from beton.errors import UserError
 
-from .config import OptimizerConfig, SchedulerConfig
+from ..config import SchedulerConfig
 from .lr_functions import linear
-from .param_groups import NORM_TYPES, build_role_optimizer, group_lambdas
 
-# ---------------------------------------------------------------- optimizers
-
-Params = Iterable  # tensors or param-group dicts, as torch.optim takes them
-
-
-def _sgd(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if cfg.nesterov and cfg.momentum == 0:
-        raise UserError("optimizer.nesterov needs a positive optimizer.momentum")
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
-
-
-def _adam(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-def _adamw(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-OPTIMIZERS: dict[str, Callable[[Params, OptimizerConfig], torch.optim.Optimizer]] = {
-    "sgd": _sgd,
-    "adam": _adam,
-    "adamw": _adamw,
-}
-
-
-
-def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decayed, not decayed): every bias and every norm-layer parameter go in the second list.
-
-    Decaying a norm's scale or a bias only shrinks what the next norm undoes anyway, and
-    fights the affine the norm is there to learn.
-    """
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            (no_decay if isinstance(module, NORM_TYPES) or name == "bias" else decay).append(param)
-    return decay, no_decay
-
-
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if cfg.name == "roles":  # one optimizer per parameter role (Muon for the filters, SGD for the rest, ...)
-        return build_role_optimizer(model, cfg.roles)
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZERS)}, roles")
-    params: Params = model.parameters()
-    if cfg.no_decay_norm_bias:
-        decay, no_decay = split_decay(model)
-        params = [group for group in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0})
-                  if group["params"]]
-    return OPTIMIZERS[cfg.name](params, cfg)
-
-
-# ---------------------------------------------------------------- schedules
+if TYPE_CHECKING:
+    import torch
 
 
 class Schedule:
@@ -99,6 +41,8 @@ class Schedule:
         """`metrics`: the epoch's metrics line (test_loss, test_acc, and val_loss, val_acc with a split)."""
         if self.scheduler is None or self.per_batch:
             return
+        from torch.optim import lr_scheduler
+
         if isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics[self.monitor])
         else:
@@ -135,6 +79,8 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     the LR ends where it started, at max_lr/div_factor, never below.
     max_lr defaults to `base_lr` (the optimizer's LR); "find" must be resolved by the caller.
     """
+    from torch.optim import lr_scheduler
+
     max_lr = cfg.max_lr if cfg.max_lr is not None else base_lr
     if max_lr == "find" or cfg.start_lr == "find":
         raise ValueError("scheduler max_lr/start_lr 'find' must be resolved to numbers before building the schedule")
@@ -148,6 +94,8 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     if total < 4:
         raise UserError(f"onecycle needs at least 4 optimizer steps, this run has {total} "
                         f"({epochs} epochs x {steps_per_epoch} batches); train longer or on more images")
+    import torch
+
     if cfg.cycle_momentum and isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0:
         raise UserError("onecycle cycles momentum between 0.85 and 0.95, overriding optimizer.momentum 0; "
                         "set scheduler.cycle_momentum: false to keep SGD without momentum")
@@ -163,12 +111,16 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
 
 def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
     """LR times gamma every step_size epochs."""
+    from torch.optim import lr_scheduler
+
     return Schedule(optimizer, lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma),
                     per_batch=False)
 
 
 def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
     """LR times factor once `monitor` has not improved (by `threshold`, relative) for more than `patience` epochs."""
+    from torch.optim import lr_scheduler
+
     scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode=cfg.mode, factor=cfg.factor, patience=cfg.patience,
                                                threshold=cfg.threshold, min_lr=cfg.min_lr)
     return Schedule(optimizer, scheduler, per_batch=False, monitor=cfg.monitor)
@@ -176,6 +128,8 @@ def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int,
 
 def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
     """Half a cosine from the optimizer's LR to eta_min over the whole run, per batch."""
+    from torch.optim import lr_scheduler
+
     scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=cfg.eta_min)
     return Schedule(optimizer, scheduler, per_batch=True)
 
@@ -183,6 +137,8 @@ def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
 def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
     """Per batch: every group's LR warms up linearly over warmup_epochs, then falls linearly to end_factor x LR
     at the last step (airbench's schedule is warmup 0, end 0)."""
+    from torch.optim import lr_scheduler
+
     total = epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     everyone = linear(total, warmup, cfg.end_factor)
@@ -197,6 +153,8 @@ def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
     for role, e in cfg.role_epochs.items():  # a shorter decay for these roles; the warm-up is the run's
         steps = max(1, min(total, round(e * steps_per_epoch)))
         by_role[role] = linear(steps, min(warmup, steps - 1), cfg.end_factor)
+    from .roles import group_lambdas
+
     return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, group_lambdas(optimizer, by_role, everyone)),
                     per_batch=True)
 

@@ -5,52 +5,42 @@ momentum updates, which suit filters followed by BatchNorm), the BatchNorm biase
 bias and the head with Nesterov SGD at their own learning rates, and the whitening bias only for
 the first few epochs. This module gives the pieces for that:
 
-- `roles(model)`: every parameter under exactly one role (`ROLES`).
+- `roles(model)`: every parameter under exactly one role (`ROLES`); a module whose parameters have a
+  role of their own says so with a `param_role(name, param)` hook (the contract: `train.models`).
 - `build_role_optimizer(model, spec)`: one torch optimizer per optimizer name in `spec`, one group
   per role (each group carries its "role"), joined into a `MultiOptimizer`.
 - `MultiOptimizer`: a `torch.optim.Optimizer` subclass, so torch's LR schedulers (which check
   `isinstance(optimizer, Optimizer)`; LambdaLR does), `GradScaler` and `train.step.train_step`
   take it as one optimizer. Its `param_groups` are the inner optimizers' own group dicts, so a
   scheduler's LR change reaches them; `group_lambdas` gives LambdaLR one LR function per group, by role.
-- `FilterMuon`: torch's `Muon` for conv filters. torch's Muon refuses anything but 2-D parameters
-  (in its constructor and again in its step), so FilterMuon registers the N-D filters itself and,
-  for each step, hands Muon each filter and gradient as an (out, in * kh * kw) matrix, the view
-  airbench orthogonalises. Where the filter's memory is not laid out that way (channels_last), the
-  matrix is a copy and is written back after the step. Optional `renormalize` (airbench): each
-  filter is rescaled to norm sqrt(out channels) before its update, which BatchNorm makes harmless
-  and which keeps the effective step size from shrinking as the filters grow.
+- `ROLE_OPTIMIZERS`: the optimizers a role can take (`sgd`, and `muon`: `train.optim.muon.FilterMuon`).
 - `freeze(params)`: stop training parameters (airbench's whitening bias after a few epochs).
 """
 from __future__ import annotations
 
-import math
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from beton.errors import UserError
 
-from .airnet import WhiteningConv
-from .config import ROLES
+from ..config import ROLES
+from .muon import FilterMuon
 
-MUON_TORCH = "2.9"  # the first torch release with torch.optim.Muon, which FilterMuon subclasses
-if not hasattr(torch.optim, "Muon"):
-    raise UserError(f"fastcifar needs torch>={MUON_TORCH} (torch.optim.Muon); this environment has torch "
-                    f"{torch.__version__}: pip install 'torch>={MUON_TORCH}'")
-
-# Norm layers, timm's subclasses (BatchNormAct2d, LayerNorm2d..) included (optim.split_decay uses them too).
+# Norm layers, timm's subclasses (BatchNormAct2d, LayerNorm2d..) included (optimizers.split_decay uses them too).
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
-
 
 
 def roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Every parameter of `model` (frozen ones too) under exactly one role, in module order.
 
-    filters: conv weights of dim 4, the whitening conv's excepted; norm_biases: all parameters of
-    norm layers; whitening_bias: the whitening conv's bias; head: the last nn.Linear's parameters;
-    other: the rest (the frozen whitening weight, conv biases, other linears..).
+    A module's `param_role(name, param)` hook decides for its own parameters where it returns a role
+    (airnet's whitening conv: whitening_bias for its bias, other for its frozen weight). Otherwise:
+    norm_biases: all parameters of norm layers; head: the last nn.Linear's parameters; filters: conv
+    weights of dim 4; other: the rest (conv biases, other linears..).
     """
     out: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -61,8 +51,12 @@ def roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            if isinstance(module, WhiteningConv):
-                role = "whitening_bias" if name == "bias" else "other"
+            hook = getattr(module, "param_role", None)
+            role = hook(name, param) if callable(hook) else None
+            if role is not None:
+                if role not in out:
+                    raise ValueError(f"{type(module).__name__}.param_role gave {name!r} the role {role!r}; "
+                                     f"roles: {', '.join(ROLES)}")
             elif isinstance(module, NORM_TYPES):
                 role = "norm_biases"
             elif module is head:
@@ -80,58 +74,6 @@ def freeze(params: Iterable[torch.Tensor]) -> None:
     for p in params:
         p.requires_grad_(False)
         p.grad = None
-
-
-# ---------------------------------------------------------------- Muon for filters
-
-
-class FilterMuon(torch.optim.Muon):
-    """torch.optim.Muon over parameters of 2 or more dims, each seen as (dim 0, the rest) matrix."""
-
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, renormalize: bool = False, **muon_options):
-        # Muon checks its hyperparameters, then refuses non-2-D parameters: let it check them on a placeholder
-        probe = torch.optim.Muon([torch.zeros(1, 1)], lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                 nesterov=nesterov, ns_steps=ns_steps, **muon_options)
-        torch.optim.Optimizer.__init__(self, params, dict(probe.defaults, renormalize=bool(renormalize)))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim < 2:
-                    raise ValueError(f"FilterMuon needs parameters of 2 or more dims, got shape {tuple(p.shape)}")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        swapped = []
-        try:
-            for group in self.param_groups:
-                real = group["params"]
-                mats = []
-                for p in real:
-                    if group["renormalize"] and p.grad is not None:
-                        p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp(min=1e-12))
-                    m = p.detach().reshape(p.shape[0], -1)  # a view where the layout allows, else a copy
-                    if p.grad is not None:
-                        m.grad = p.grad.reshape(m.shape)
-                    if p in self.state:
-                        self.state[m] = self.state.pop(p)
-                    mats.append(m)
-                group["params"] = mats
-                swapped.append((group, real, mats))
-            super().step()
-        finally:
-            for group, real, mats in swapped:
-                group["params"] = real
-                for p, m in zip(real, mats):
-                    if m in self.state:
-                        self.state[p] = self.state.pop(m)
-                    if m.data_ptr() != p.data_ptr():
-                        p.copy_(m.view(p.shape))
-                    m.grad = None
-        return loss
 
 
 # ---------------------------------------------------------------- several optimizers as one
@@ -215,9 +157,32 @@ def group_lambdas(optimizer: torch.optim.Optimizer, by_role: Mapping[str, Callab
 
 # ---------------------------------------------------------------- build from a spec
 
+@dataclass(frozen=True)
+class RoleOptimizer:
+    """An optimizer a role can take: the keys its spec entry may set (with their defaults), how to build it
+    from its param groups, and any checks of its own beyond the common ones (lr, momentum, ...)."""
+
+    keys: dict
+    build: Callable[[list[dict]], torch.optim.Optimizer]
+    check: Callable[[str, dict, list], None] = field(default=lambda where, group, params: None)
+
+
+def _check_muon(where: str, group: dict, params: list) -> None:
+    if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
+        raise UserError(f"{where}: ns_steps must be an integer in [1, 99], got {group['ns_steps']!r}")
+    if not isinstance(group["renormalize"], bool):
+        raise UserError(f"{where}: renormalize must be true or false")
+    flat = [tuple(p.shape) for p in params if p.ndim < 2]
+    if flat:
+        raise UserError(f"{where}: muon needs matrices or filters, this role has parameters of shape {flat[0]}")
+
+
 _COMMON = {"lr": None, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
-_KEYS = {"sgd": dict(_COMMON),
-         "muon": dict(_COMMON, momentum=0.95, nesterov=True, ns_steps=5, renormalize=False)}
+ROLE_OPTIMIZERS: dict[str, RoleOptimizer] = {
+    "sgd": RoleOptimizer(dict(_COMMON), lambda groups: torch.optim.SGD(groups, lr=groups[0]["lr"])),
+    "muon": RoleOptimizer(dict(_COMMON, momentum=0.95, nesterov=True, ns_steps=5, renormalize=False),
+                          lambda groups: FilterMuon(groups, lr=groups[0]["lr"]), _check_muon),
+}
 
 
 def _group(role: str, entry, params: list) -> tuple[str, dict]:
@@ -226,12 +191,13 @@ def _group(role: str, entry, params: list) -> tuple[str, dict]:
     if not isinstance(entry, Mapping):
         raise UserError(f"{where}: expected a mapping with name and lr, got {entry!r}")
     name = entry.get("name")
-    if name not in _KEYS:
-        raise UserError(f"{where}: unknown optimizer {name!r}; known: {', '.join(_KEYS)}")
-    unknown = sorted(set(entry) - set(_KEYS[name]) - {"name"})
+    if name not in ROLE_OPTIMIZERS:
+        raise UserError(f"{where}: unknown optimizer {name!r}; known: {', '.join(ROLE_OPTIMIZERS)}")
+    keys = ROLE_OPTIMIZERS[name].keys
+    unknown = sorted(set(entry) - set(keys) - {"name"})
     if unknown:
-        raise UserError(f"{where}: unknown keys {', '.join(unknown)} for {name} (known: {', '.join(_KEYS[name])})")
-    group = {**_KEYS[name], **{k: v for k, v in entry.items() if k != "name"}}
+        raise UserError(f"{where}: unknown keys {', '.join(unknown)} for {name} (known: {', '.join(keys)})")
+    group = {**keys, **{k: v for k, v in entry.items() if k != "name"}}
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise UserError(f"{where}: lr must be a positive number, got {lr!r}")
@@ -241,14 +207,7 @@ def _group(role: str, entry, params: list) -> tuple[str, dict]:
         raise UserError(f"{where}: weight_decay must be a non-negative number, got {wd!r}")
     if not isinstance(group["nesterov"], bool) or (group["nesterov"] and momentum == 0):
         raise UserError(f"{where}: nesterov must be true or false, and true needs a positive momentum")
-    if name == "muon":
-        if not isinstance(group["ns_steps"], int) or not 1 <= group["ns_steps"] < 100:
-            raise UserError(f"{where}: ns_steps must be an integer in [1, 99], got {group['ns_steps']!r}")
-        if not isinstance(group["renormalize"], bool):
-            raise UserError(f"{where}: renormalize must be true or false")
-        flat = [tuple(p.shape) for p in params if p.ndim < 2]
-        if flat:
-            raise UserError(f"{where}: muon needs matrices or filters, this role has parameters of shape {flat[0]}")
+    ROLE_OPTIMIZERS[name].check(where, group, params)
     group.update(lr=float(lr), momentum=float(momentum), weight_decay=float(wd), params=params, role=role)
     return name, group
 
@@ -256,8 +215,8 @@ def _group(role: str, entry, params: list) -> tuple[str, dict]:
 def build_role_optimizer(model: nn.Module, spec: Mapping[str, Mapping]) -> MultiOptimizer:
     """A MultiOptimizer training each role of `model` as `spec` says.
 
-    spec: role -> {name: muon | sgd, lr, momentum, nesterov, weight_decay} (muon also ns_steps,
-    renormalize). Roles sharing an optimizer name share one torch optimizer (a group each). Only
+    spec: role -> {name: a ROLE_OPTIMIZERS name (sgd, muon), lr, momentum, nesterov, weight_decay} (muon
+    also ns_steps, renormalize). Roles sharing an optimizer name share one torch optimizer (a group each). Only
     parameters that require grad are trained; a role with such parameters but no entry is an error,
     an entry for a role without any is ignored. weight_decay means what each optimizer means by it:
     coupled L2 for SGD, decoupled (p *= 1 - lr * wd) for Muon.
@@ -277,10 +236,4 @@ def build_role_optimizer(model: nn.Module, spec: Mapping[str, Mapping]) -> Multi
         groups.setdefault(name, []).append(group)
     if not groups:
         raise UserError("the model has no trainable parameters")
-    optimizers = []
-    for name, named_groups in groups.items():
-        if name == "sgd":
-            optimizers.append(torch.optim.SGD(named_groups, lr=named_groups[0]["lr"]))
-        else:
-            optimizers.append(FilterMuon(named_groups, lr=named_groups[0]["lr"]))
-    return MultiOptimizer(optimizers)
+    return MultiOptimizer([ROLE_OPTIMIZERS[name].build(named_groups) for name, named_groups in groups.items()])

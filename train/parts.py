@@ -1,25 +1,24 @@
-"""What a run is made of, built from its config: device, precision, model and loaders.
+"""What a run is made of, built from its config: device, precision, model and loaders (`RunParts`).
 
 `build` is shared by training, the LR range test and the benchmarks, so all three train the
-same model on the same batches.
+same model on the same batches. A model that needs the data says so with a `fit_to_data` hook
+(the contract: `train.models`), which `build` calls.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
 from beton.manifest import read_manifest
-from fastloader.loaders import build_loader, build_loaders, read_split, train_val_indices
+from fastloader.loaders import build_loader, build_loaders
 
 from . import distributed
 from .config import ExperimentConfig
-from .airnet import WhiteningConv, init_whitening
 from .hardware import Precision, resolve_device, resolve_precision, reuse_freed_memory, set_deterministic
-from .models import create_model
-from .speed import auto_precision
+from .models import create_model, module_hooks
+from .precision import auto_precision
 
 
 @runtime_checkable
@@ -39,7 +38,7 @@ class BatchLoader(Protocol):
 
 
 @dataclass
-class Setup:
+class RunParts:
     """Everything a run needs, built from its config (shared by train, lr-find and bench)."""
 
     cfg: ExperimentConfig
@@ -54,19 +53,7 @@ class Setup:
     val_loader: BatchLoader | None = None  # the images data.val_split holds out of the training split
 
 
-WHITENING_IMAGES = 5000  # training images whose 2x2 patches set a whitening conv (airbench's number)
-
-
-def whitening_images(data) -> np.ndarray:
-    """The first WHITENING_IMAGES training images (never validation ones), uint8 N x 32 x 32 x 3."""
-    folder = data.folder()
-    images, _ = read_split(folder, "train")
-    train_indices, _ = train_val_indices(len(images), data)
-    chosen = np.arange(len(images)) if train_indices is None else train_indices
-    return images[chosen[:WHITENING_IMAGES]]
-
-
-def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
+def build(cfg: ExperimentConfig, device: torch.device | None = None) -> RunParts:
     """The run's parts; `precision: auto` is resolved here (by measurement on the CPU) and `cfg` updated,
     so the run's config.yaml holds the precision it ran in."""
     device = device or resolve_device(cfg.train.device)
@@ -77,8 +64,8 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
     classes = list(manifest["classes"])
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = create_model(cfg.model, num_classes=len(classes))
-    if any(isinstance(m, WhiteningConv) for m in model.modules()):  # airnet: its first conv comes from the data
-        init_whitening(model, whitening_images(cfg.data), manifest["mean"], manifest["std"])
+    for fit_to_data in module_hooks(model, "fit_to_data"):  # e.g. airnet's whitening conv, set from the images
+        fit_to_data(cfg.data, manifest["mean"], manifest["std"])
     if cfg.model.sync_bn:
         model = distributed.sync_batchnorm(model, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -93,5 +80,6 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> Setup:
     precision = resolve_precision(cfg.train.precision, device)
     train_loader, test_loader = build_loaders(cfg.data, device, precision.batch_dtype)
     val_loader = build_loader(cfg.data, "val", device, precision.batch_dtype) if cfg.data.val_split else None
-    return Setup(cfg, device, precision, model, train_loader, test_loader, classes, distributed.current(), notes,
-                 val_loader)
+    return RunParts(cfg=cfg, device=device, precision=precision, model=model, train_loader=train_loader,
+                    test_loader=test_loader, classes=classes, world=distributed.current(), notes=notes,
+                    val_loader=val_loader)

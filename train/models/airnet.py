@@ -32,18 +32,47 @@ from torch import nn
 
 from beton.errors import UserError
 
-from .norms import NORMS
+from ..optim.roles import freeze
+from .norms import norm_layer
+
+
+WHITENING_IMAGES = 5000  # training images whose 2x2 patches set a whitening conv (airbench's number)
+
+
+def whitening_images(data) -> np.ndarray:
+    """The first WHITENING_IMAGES training images (never validation ones), uint8 N x 32 x 32 x 3."""
+    from fastloader.loaders import read_split, train_val_indices  # FFCV loads only where a model needs the data
+
+    images, _ = read_split(data.folder(), "train")
+    train_indices, _ = train_val_indices(len(images), data)
+    chosen = np.arange(len(images)) if train_indices is None else train_indices
+    return images[chosen[:WHITENING_IMAGES]]
 
 
 class WhiteningConv(nn.Conv2d):
-    """The patch-whitening conv: weight frozen (set by `init_whitening`), bias trainable.
+    """The patch-whitening conv: weight frozen (set from the data), bias trainable for the first epochs.
 
-    A type of its own, so `train.param_groups.roles` can tell it from the other filters.
+    Its three hooks (the contract is in `train.models`) make it a model part the generic code needs no
+    special case for: its filters come from the training images, its bias has a role of its own, and
+    the bias stops training after `train.whitening_bias_epochs`.
     """
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2):
         super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, padding=0, bias=True)
         self.weight.requires_grad_(False)
+
+    def fit_to_data(self, data, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The hook `train.parts.build` calls: filters and bias from the run's first training images."""
+        fit_whitening(self, whitening_images(data), mean, std)
+
+    def param_role(self, name: str, param: nn.Parameter) -> str:
+        return "whitening_bias" if name == "bias" else "other"
+
+    def begin_epoch(self, epoch: int, train_cfg) -> None:
+        """Frozen from epoch `train.whitening_bias_epochs` on (airbench trains it for the first 3 only)."""
+        n = train_cfg.whitening_bias_epochs
+        if n is not None and epoch >= n:
+            freeze([self.bias])
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -120,9 +149,7 @@ def airnet(num_classes: int = 10, norm: str = "batch", widths: Sequence[int] = (
     """The registry's entry point (`fn(num_classes, norm)`); options are AirNet's keywords. norm "batch" is the
     recipe's BatchNorm (bn_* options); another norm (layer, group, instance) replaces it, for comparisons."""
     if norm != "batch":
-        if norm not in NORMS:
-            raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
-        options["norm_layer"] = NORMS[norm]
+        options["norm_layer"] = norm_layer(norm)
     return AirNet(num_classes, widths, **options)
 
 
@@ -148,16 +175,21 @@ def patch_covariance(images: torch.Tensor, kernel: int, chunk: int = 1024) -> tu
     return mean, outer / count - torch.outer(mean, mean)
 
 
-@torch.no_grad()
 def init_whitening(model: nn.Module, images_uint8_NHWC, mean: Sequence[float], std: Sequence[float],
                    eps: float = 5e-4) -> None:
-    """Set the whitening conv of `model` from training images (uint8 N x H x W x 3, numpy or tensor).
+    """Set the one whitening conv of `model` from training images (`fit_whitening`)."""
+    fit_whitening(_whitening_conv(model), images_uint8_NHWC, mean, std, eps)
+
+
+@torch.no_grad()
+def fit_whitening(conv: WhiteningConv, images_uint8_NHWC, mean: Sequence[float], std: Sequence[float],
+                  eps: float = 5e-4) -> None:
+    """Set whitening conv `conv` from training images (uint8 N x H x W x 3, numpy or tensor).
 
     The images are normalised as the loaders do ((x - mean) / std, mean/std on the 0-255 scale),
     then the covariance C = V diag(l) V^T of their patches gives the filters +-V^T / sqrt(l + eps)
     and the bias -+(filters . patch mean). `eps` keeps near-zero eigenvalues from blowing up.
     """
-    conv = _whitening_conv(model)
     images = torch.as_tensor(np.asarray(images_uint8_NHWC)) if not torch.is_tensor(images_uint8_NHWC) \
         else images_uint8_NHWC
     k, c = conv.kernel_size[0], conv.in_channels

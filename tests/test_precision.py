@@ -1,0 +1,77 @@
+"""`precision: auto` on the CPU, resolved by measurement and cached (train.precision), and bench train's
+report of it."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import pytest
+import torch
+import train.precision
+
+from train.config import build_config
+from train.loop import fit
+from train.parts import build
+from train.run import RunDir
+
+from .test_train import json_of, tiny
+
+
+def _no_measuring(*args, **kwargs):
+    raise AssertionError("measured again: the saved config or the cache should have answered")
+
+
+@pytest.mark.parametrize("rates, expected", [({"fp32": 100.0, "bf16": 50.0}, "fp32"),
+                                             ({"fp32": 50.0, "bf16": 100.0}, "bf16")])
+def test_precision_auto_follows_the_measurement_and_caches_it(learnable_betons, tmp_path, monkeypatch, rates,
+                                                              expected):
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train.precision, "measure_precisions", lambda *a, **k: dict(rates))
+    cfg = build_config(tiny(learnable_betons, train__precision="auto"))
+    s = build(cfg)
+    assert s.precision.name == expected and s.cfg.train.precision == expected
+    assert "fp32 100.0 vs bf16 50.0" in s.notes[0] or "fp32 50.0 vs bf16 100.0" in s.notes[0]
+    monkeypatch.setattr(train.precision, "measure_precisions", _no_measuring)  # the second run reads the cache
+    assert build(cfg).precision.name == expected
+
+
+def test_precision_auto_is_logged_and_saved_resolved(learnable_betons, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train.precision, "measure_precisions", lambda *a, **k: {"fp32": 80.0, "bf16": 20.0})
+    run = RunDir(tmp_path / "run")
+    fit(build_config(tiny(learnable_betons, train__precision="auto", train__epochs=1)), run)
+    assert run.config()["train"]["precision"] == "fp32"
+    assert "precision auto -> fp32: fp32 80.0 vs bf16 20.0 images/s" in (run.path / "train.log").read_text()
+
+
+def test_the_real_measurement_times_both_precisions(learnable_betons):
+    cfg = build_config(tiny(learnable_betons, train__precision="fp32"))
+    s = build(cfg)
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    rates = train.precision.measure_precisions(cfg, s.model, s.device, 10, steps=1)
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+    assert all((v == s.model.state_dict()[k]).all() for k, v in before.items())  # measured on a copy
+
+
+def test_bench_train_json_reports_both_precisions_and_what_auto_picks(learnable_betons, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, train__precision="fp32")))
+    r = json_of(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"], capsys)
+    for key in ("fp32_nchw", "fp32_channels_last", "bf16_channels_last", "loop_real_loader", "loop_synthetic"):
+        assert r[key] > 0
+    assert r["auto"] == ("bf16" if r["bf16_channels_last"] > r["fp32_channels_last"] else "fp32")
+    assert r["precision"] == "fp32" and r["channels_last_autocast"] == r["fp32_channels_last"]
+    assert 0 < r["loop_efficiency"]
+    assert r["reuse_memory"] is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+def test_the_precision_cache_tells_reused_memory_apart(monkeypatch):
+    """fp32 and bf16 gain by different factors when freed memory is reused: one must not answer for the other."""
+    cfg = build_config({"name": "k"})
+    device = torch.device("cpu")
+    monkeypatch.setattr(train.precision, "reusing_freed_memory", lambda: False)
+    plain = train.precision.cache_key(cfg, device)
+    monkeypatch.setattr(train.precision, "reusing_freed_memory", lambda: True)
+    assert train.precision.cache_key(cfg, device) != plain
