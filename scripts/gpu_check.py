@@ -554,11 +554,11 @@ class Stages:
 
         begin = time.perf_counter()
         parts = build(cfg)
-        train_s, eval_s = epoch_seconds(parts)
+        cost = epoch_seconds(parts)
         setup = time.perf_counter() - begin
-        per_epoch = train_s + eval_s
+        per_epoch = cost.train + cost.evaluation
         del parts
-        return setup + cfg.train.epochs * per_epoch, per_epoch
+        return setup + cfg.train.epochs * per_epoch + cost.last_extra, per_epoch
 
     def _fits(self, cfg, margin: float = 1.15, extra: float = 10.0) -> dict:
         if not self.sizes.estimate:  # the dry run: eight timed steps of seed A's ResNet18 would take minutes

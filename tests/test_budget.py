@@ -2,11 +2,16 @@
 need no timing."""
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
+import torch
 import train.budget
 
 from beton.errors import UserError
-from train.config import build_config
+from train.config import EvalConfig, build_config
+from train.hardware import resolve_precision
 from train.loop import fit
 from train.run import RunDir
 
@@ -22,7 +27,7 @@ def test_budget_epochs(budget, spent, train_s, eval_s, cap, expected):
 
 @pytest.mark.slow
 def test_budget_fixes_the_epochs_and_resume_and_reruns_need_no_timing(learnable_betons, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.budget, "epoch_seconds", lambda s: (20.0, 5.0))  # 25 s an epoch
+    monkeypatch.setattr(train.budget, "epoch_seconds", lambda s: train.budget.EpochCost(20.0, 5.0))  # 25 s an epoch
     cfg = build_config(tiny(learnable_betons, train__precision="fp32", train__epochs=50, train__budget="100s",
                             data__subset=200, data__test_subset=100))  # 4 runs: the epochs' length is not the point
     whole = RunDir(tmp_path / "whole")
@@ -33,7 +38,7 @@ def test_budget_fixes_the_epochs_and_resume_and_reruns_need_no_timing(learnable_
 
     monkeypatch.setattr(train.budget, "epoch_seconds", _no_measuring)
     stopped = RunDir(tmp_path / "stopped")
-    monkeypatch.setattr(train.budget, "epoch_seconds", lambda s: (20.0, 5.0))
+    monkeypatch.setattr(train.budget, "epoch_seconds", lambda s: train.budget.EpochCost(20.0, 5.0))
     fit(cfg, stopped, stop_after=1)
     monkeypatch.setattr(train.budget, "epoch_seconds", _no_measuring)
     fit(build_config(stopped.config()), stopped, resume=True)
@@ -41,6 +46,46 @@ def test_budget_fixes_the_epochs_and_resume_and_reruns_need_no_timing(learnable_
 
     rerun = RunDir(tmp_path / "rerun")
     assert fit(build_config(whole.config()), rerun) == history
+
+
+def test_the_last_evaluations_extra_cost_takes_its_share_of_the_budget():
+    # 600 s, 20 spent: 10 epochs of 58 s fit (580 s); a last evaluation 30 s dearer leaves room for 9
+    assert train.budget.budget_epochs(600, 20, 50, 8, 100, last_extra_s=30) == 9
+    assert train.budget.budget_epochs(600, 20, 50, 8, 100, last_extra_s=0) == 10
+
+
+class _SlowModel(torch.nn.Module):
+    """A forward pass of a fixed duration, so evaluation's cost is the number of passes it makes."""
+
+    def forward(self, images):
+        time.sleep(0.004)
+        return torch.zeros(len(images), 10)
+
+
+def _parts(eval_cfg, val_batches: int = 0):
+    batch = (torch.zeros(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))
+    return SimpleNamespace(test_loader=[batch] * 6, val_loader=[batch] * val_batches if val_batches else None,
+                           precision=resolve_precision("fp32", torch.device("cpu")), device=torch.device("cpu"),
+                           cfg=SimpleNamespace(eval=eval_cfg))
+
+
+def test_evaluation_is_timed_as_the_loop_runs_it_tta_and_validation_split_included():
+    model = _SlowModel()
+    plain = train.budget.evaluation_seconds(_parts(EvalConfig()), model, None)
+    with_val = train.budget.evaluation_seconds(_parts(EvalConfig(), val_batches=6), model, None)
+    tta = EvalConfig(tta="flip_translate")
+    with_tta = train.budget.evaluation_seconds(_parts(tta), model, tta)
+    assert 1.6 < with_val / plain < 2.5  # twice the batches
+    assert with_tta > 2.5 * plain  # flip and translate: several passes a batch
+
+
+def test_the_budget_line_names_the_last_evaluations_tta(learnable_betons, monkeypatch):
+    monkeypatch.setattr(train.budget, "epoch_seconds", lambda parts: train.budget.EpochCost(20.0, 5.0, 12.0))
+    cfg = build_config(tiny(learnable_betons, train__epochs=50, train__budget="100s"))
+    parts = SimpleNamespace(cfg=cfg)
+    resolved, line = train.budget.resolve_budget(parts, time.perf_counter())
+    assert resolved.train.epochs == 3  # (100 - 12) // 25
+    assert "+ 12.0 s for the last evaluation's TTA" in line and "planned 87.0 s" in line
 
 
 def test_budget_errors_are_one_line(learnable_betons):
