@@ -80,8 +80,8 @@ class Sizes:
 GPU = Sizes(compare_images=4096, compare_batch=512, steps=6, step_images=12000, short_images=10000,
             short_test=2000, short_batch=500, long_overrides=(), speed_seeds=5, stage_timeout=150.0,
             estimate=True)
-DRY = Sizes(compare_images=192, compare_batch=64, steps=3, step_images=192, short_images=192, short_test=96,
-            short_batch=64, long_overrides=("data.subset=64", "data.test_subset=32", "data.batch_size=32",
+DRY = Sizes(compare_images=64, compare_batch=16, steps=2, step_images=32, short_images=64, short_test=32,
+            short_batch=16, long_overrides=("data.subset=32", "data.test_subset=16", "data.batch_size=16",
                                             "train.epochs=1"),
             speed_seeds=1, stage_timeout=600.0, estimate=False)
 
@@ -700,9 +700,9 @@ def main(argv=None) -> int:
             check.stage("speed94_seeds", st.speed94, budgeted=True)
             check.stage("seed_a_final_resnet18_layernorm", st.full_run("final_resnet18_layernorm"), budgeted=True)
             # the dry run's one short epoch: fixed LRs instead of the range test, the peak inside the epoch, and the
-            # 4 steps onecycle needs at least
+            # 4 steps onecycle needs at least (DRY's 32 images in batches of 8, the last partial batch dropped)
             dry_lr = (("scheduler.max_lr=0.1", "scheduler.start_lr=0.01", "scheduler.peak_epoch=0.25",
-                       "data.batch_size=16") if args.device == "cpu" else ())
+                       "data.batch_size=8") if args.device == "cpu" else ())
             check.stage("seed_c_custom_resnet_onecycle", st.full_run("custom_resnet_onecycle", dry_lr), budgeted=True)
     counts = {s: sum(v["status"] == s for v in check.result["stages"].values()) for s in ("PASS", "FAIL", "SKIP")}
     check.result["counts"] = counts

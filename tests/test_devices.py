@@ -64,7 +64,7 @@ def test_a_resume_restores_the_gpu_random_states_that_fit_and_says_what_did_not(
 @pytest.mark.slow
 def test_resuming_a_gpu_checkpoint_on_fewer_gpus_logs_what_was_not_restored(learnable_betons, tmp_path):
     cfg = build_config(tiny(learnable_betons, train__epochs=2, train__precision="fp32", train__device="cpu",
-                            data__subset=400, data__test_subset=100))
+                            data__subset=100, data__test_subset=50, data__batch_size=50, data__augment=[]))
     run = RunDir(tmp_path / "run")
     fit(cfg, run, stop_after=1)
     state = checkpoint.load(run.last)

@@ -5,7 +5,8 @@ The configs are found by glob when the tests are collected, so a config added to
 anyone listing it. `train` runs every config; the three commands that derive a config of their own from it (bench
 train's constant LR, the range test, the speedrun's seeds and warm-up) run once per distinct set of the sections
 they derive from, everything but `model` (the seed grid's twelve configs are three such sets, its schedulers): a
-config that differs from every other in more than its model runs all four. The overrides only size the run (data, epochs, steps); the model, optimizer, scheduler,
+config that differs from every other in more than its model runs all four. The overrides only size the run (data, epochs, steps,
+a OneCycle peak at the same fraction of the shorter run, the range test's steps); the model, optimizer, scheduler,
 precision, budget, TTA and every other section are the config's own, since those are what a command derives
 its own configs from (bench train's constant LR, the speedrun's seeds and warm-up, `max_lr: find`, the budget).
 Batches of one image: the edge batch (labels of N = 1) in every command and every model.
@@ -13,8 +14,8 @@ Batches of one image: the edge batch (labels of N = 1) in every command and ever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from train.config import load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("seeds/*.yaml"))
 ONECYCLE_STEPS = 4  # the fewest optimizer steps a OneCycle schedule accepts (train.optim)
+RANGE_TEST_STEPS = 8  # `max_lr: find` in train and bench speedrun: the range test's batches (100 as shipped)
 
 
 def _ids(path: Path) -> str:
@@ -58,15 +60,27 @@ def loaders_built_once():
         yield built
 
 
+@pytest.fixture(scope="module")
+def short_range_test():
+    """`max_lr: find` resolved by a range test of RANGE_TEST_STEPS batches over the same LR range, not 100:
+    `train` and `bench speedrun` still run the range test and train with the LRs it finds."""
+    import train.loop
+    from train.lr_find import resolve_max_lr
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.loop, "resolve_max_lr", functools.partial(resolve_max_lr, iters=RANGE_TEST_STEPS))
+        yield
+
+
 def sized(path: Path, betons: Path) -> list[str]:
-    """--set overrides that size `path`'s config for a test: the fewest images and epochs its schedule
-    accepts (a `peak_epoch` must be under the epochs, OneCycle needs 4 steps), batches of one."""
+    """--set overrides that size `path`'s config for a test: one epoch of the 4 steps OneCycle needs at least, in
+    batches of one; a OneCycle `peak_epoch` at the same fraction of that epoch as of the config's run (as the
+    speedrun's warm-up scales it: it must stay under the epochs)."""
     cfg = load_config(path)
-    peak = cfg.scheduler.peak_epoch if cfg.scheduler.name == "onecycle" else None
-    epochs = 1 if peak is None else math.floor(peak) + 1
-    subset = max(2, math.ceil(ONECYCLE_STEPS / epochs))
     sets = [f"data.beton_dir={betons}", "data.batch_size=1", "data.test_batch_size=1", "data.test_subset=2",
-            "data.workers=1", f"data.subset={subset}", f"train.epochs={epochs}"]
+            "data.workers=1", f"data.subset={ONECYCLE_STEPS}", "train.epochs=1"]
+    if cfg.scheduler.name == "onecycle" and cfg.scheduler.peak_epoch is not None:
+        sets.append(f"scheduler.peak_epoch={cfg.scheduler.peak_epoch / cfg.train.epochs!r}")
     if cfg.data.val_split:
         sets.append("data.val_split=1")
     return [arg for assignment in sets for arg in ("--set", assignment)]
@@ -104,7 +118,8 @@ def _analysis_key(path: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=_ids)
-def test_every_command_runs_the_shipped_config(path, learnable_betons, loaders_built_once, tmp_path, capsys):
+def test_every_command_runs_the_shipped_config(path, learnable_betons, loaders_built_once, short_range_test, tmp_path,
+                                               capsys):
     """train ends with the analysis once per distinct model and evaluation (the twelve seed configs have four
     models); the others pass --no-analyze. The other three commands once per distinct non-model sections."""
     sets = sized(path, learnable_betons)
