@@ -58,13 +58,14 @@ def epoch_seconds(parts, steps: int = BUDGET_STEPS, eval_batches: int = BUDGET_E
         finally:
             batches.close()
     model.eval()
-    eval_cfg = parts.cfg.eval
-    tta = eval_cfg.tta != "none"
+    train_s, eval_cfg = per_step * len(parts.train_loader), parts.cfg.eval
+    if eval_cfg.tta == "none":
+        return EpochCost(train_s, evaluation_seconds(parts, model, None, eval_batches))
+    with_tta = evaluation_seconds(parts, model, eval_cfg, eval_batches)
+    if not eval_cfg.tta_last_only:  # every epoch evaluates with TTA: no plain pass to time
+        return EpochCost(train_s, with_tta)
     plain = evaluation_seconds(parts, model, None, eval_batches)
-    with_tta = evaluation_seconds(parts, model, eval_cfg, eval_batches) if tta else plain
-    if eval_cfg.tta_last_only:
-        return EpochCost(per_step * len(parts.train_loader), plain, with_tta - plain)
-    return EpochCost(per_step * len(parts.train_loader), with_tta)
+    return EpochCost(train_s, plain, max(0.0, with_tta - plain))
 
 
 def evaluation_seconds(parts, model: torch.nn.Module, eval_cfg, batches: int = BUDGET_EVAL_BATCHES) -> float:
