@@ -68,7 +68,7 @@ def reflect101(i, n):
     return i if i >= 0 else _reflect_far(i, n)
 
 
-@njit(inline="always", **_FAST)
+@njit(**_FAST)
 def _sample_row(img, out, y, x_start, x_end, m, integer, fill, reflect, colour, p, codes, settings, scale, offset):
     """Output pixels [x_start, x_end) of row y; outside the source, `fill` or (`reflect`) its mirror."""
     h, w = img.shape[0], img.shape[1]
@@ -146,13 +146,13 @@ def _sample_row(img, out, y, x_start, x_end, m, integer, fill, reflect, colour, 
         out[y, x, 2] = v2 * scale[2] + offset[2]
 
 
-@njit(inline="always", **_FAST)
+@njit(**_FAST)
 def _rows(img, out, m, integer, fill, reflect, colour, p, codes, settings, scale, offset, by0, bx0, bh, bw):
     """Every output row, less the box [by0, by0 + bh) x [bx0, bx0 + bw)."""
     ho, wo = out.shape[0], out.shape[1]
     for y in range(ho):
         beside_box = by0 <= y < by0 + bh
-        for part in range(2 if beside_box else 1):  # one call site: numba inlines _sample_row once, not thrice
+        for part in range(2 if beside_box else 1):  # the row's parts left and right of the box
             x_start = bx0 + bw if part == 1 else 0
             x_end = bx0 if beside_box and part == 0 else wo
             _sample_row(img, out, y, x_start, x_end, m, integer, fill, reflect, colour, p, codes, settings, scale,
@@ -193,13 +193,11 @@ def warp_one(img, out, p, integer, codes, settings, fill64, scale64, offset64, b
         by0, bx0, bh, bw, _, _, _ = box_op(codes[box], p[box + 1], settings[box])
         by0, bx0 = min(max(by0, 0), ho), min(max(bx0, 0), wo)
         bh, bw = min(max(bh, 0), ho - by0), min(max(bw, 0), wo - bx0)
-    # Two copies of the row loop: the common one holds no colour code at all (5% of the kernel's time).
-    # `reflect` stays a run-time flag: a third and fourth copy for it tripled numba's cold compile time
-    # (34 s -> 103 s for one signature on a 2-core AMD EPYC) for no measurable speed.
-    if colour:
-        _rows(img, out, m, integer, fill, reflect, True, p, codes, settings, scale, offset, by0, bx0, bh, bw)
-    else:
-        _rows(img, out, m, integer, fill, reflect, False, p, codes, settings, scale, offset, by0, bx0, bh, bw)
+    # `_rows` and `_sample_row` are called, not inlined (numba's inline="always"): `colour` and `reflect` are
+    # run-time flags, and numba's cold compile of one signature fell from 24-31 s to 17 s (2-core Xeon) with the
+    # same kernel images/s (crop + flip, 2,048 images: 376-403k vs 303-396k); specialised copies of the row
+    # loop per flag tripled it before (34 s -> 103 s on a 2-core AMD EPYC) for no measurable speed.
+    _rows(img, out, m, integer, fill, reflect, colour, p, codes, settings, scale, offset, by0, bx0, bh, bw)
     for k in range(codes.shape[0]):
         if p[k + 1, ACTIVE] != 0.0 and kind_of(codes[k]) == BOX:
             y0, x0, h, w, r, g, b = box_op(codes[k], p[k + 1], settings[k])
@@ -221,7 +219,7 @@ def _to_float(img, out):
 
 def _compile(salt):
     """The cached entry point, with `salt` (dispatch.SALT) in numba's cache key."""
-    @njit(cache=True, parallel=True)
+    @njit(cache=True, parallel=True, nogil=True)  # nogil: FFCV's loader thread calls it from Python
     def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset, border):
         """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC; `border`:
         the table's (`AugTable.border`, an int64: BORDER_CONSTANT or BORDER_REFLECT). Required, not
@@ -246,7 +244,7 @@ augment_batch = _compile(SALT)
 
 
 def frozen(*arrays) -> tuple[np.ndarray, ...]:
-    """Read-only float64 copies, the way FFCV's compiled pipeline hands its constant arrays to the kernel:
+    """Read-only float64 copies, as the loader's op hands its constant arrays to the kernel:
     a direct call (`scale`, `offset`; `pack` freezes the table) then reuses the loader's compiled
     signature instead of compiling its own."""
     out = []

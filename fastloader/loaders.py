@@ -30,10 +30,13 @@ from beton import schema
 from beton.errors import UserError
 from beton.manifest import check_beton, read_manifest
 
+from . import compiled
 from .config import DataConfig
 from .device import DeviceAugment, Normalise
 from .ops import EpochCell, FusedAugment
 from .threads import own_torch_threads
+
+compiled.install()  # FFCV's pipeline functions compiled once per process, not once per loader
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}

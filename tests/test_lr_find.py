@@ -81,13 +81,46 @@ def test_range_test_restores_everything_and_suggests_inside_the_range(setup):
     assert set(result["suggestions"]) == {"steepest", "valley", "min/10"}
     assert in_range(result)
     if result["stopped_early"]:
-        assert result["smoothed"][-1] > 4.0 * min(result["smoothed"]) or "loss became" in result["stop_reason"]
+        best = min(result["smoothed"])
+        assert (result["smoothed"][-1] > 4.0 * best or result["loss"][-1] > 4.0 * best
+                or "loss became" in result["stop_reason"])
 
 
 def test_divergence_stops_the_test(setup):
     result = lr_find(setup.cfg, start=1.0, end=1e8, iters=40, parts=setup, progress=False)
     assert result["stopped_early"] and result["steps"] < 40
     assert in_range(result)
+
+
+def test_a_batch_loss_that_explodes_stops_the_test_though_the_smoothed_loss_lags(setup, monkeypatch):
+    """Seed C's custom ResNet: the batch loss went 2.4 -> 23 between lr 1e-2 and 4e-2 while the smoothed loss
+    (0.98, a 50-step lag) stayed under 4x its best, and the test ran on into the region where the net recovers."""
+    from train import lr_find as module
+
+    script = [2.3 - 0.01 * i for i in range(60)] + [50.0] + [1.0] * 20
+    calls = []
+
+    def scripted(step, images, labels):
+        calls.append(len(calls))
+        return torch.tensor(script[len(calls) - 1]), None
+
+    monkeypatch.setattr(module, "train_step", scripted)
+    result = lr_find(setup.cfg, start=1e-5, end=1.0, iters=80, parts=setup, progress=False)
+    assert result["smoothed"][-1] < 4 * min(result["smoothed"])  # the smoothed loss alone would not have stopped
+    assert len(calls) == 61 and result["steps"] == 61 and result["stop_reason"].startswith("batch loss 50.0000")
+
+
+def test_suggestions_come_from_the_steps_before_the_smoothed_minimum():
+    """After a divergence the loss can fall again as the net recovers: that fall is not a learning rate."""
+    lrs = list(np.logspace(-7, 1, 81))
+    # a fall over 25 steps to the minimum, an explosion, then a longer, steeper fall as the net recovers
+    loss = list(np.linspace(4.7, 3.1, 25)) + list(np.linspace(3.2, 8.6, 10)) + list(np.linspace(8.6, 3.5, 46))
+    lowest = lrs[24]
+    s = suggestions(lrs, loss)
+    assert all(lrs[0] <= v <= lowest for v in s.values()), s
+    assert s["min/10"] == pytest.approx(lowest / 10)
+    assert s["valley"] == pytest.approx(math.sqrt(lrs[0] * lowest))
+    assert descent_start(lrs, loss) == lrs[0]
 
 
 def test_suggestions_on_known_curves():

@@ -5,14 +5,18 @@ The test trains from the current weights for up to `iters` batches of the train 
 lr_i = start * (end / start) ** (i / (iters - 1)). It records each batch's loss and an
 exponential moving average with bias correction,
     avg_i = smooth * avg_(i-1) + (1 - smooth) * loss_i,   smoothed_i = avg_i / (1 - smooth ** (i + 1)),
-and stops once the smoothed loss exceeds `diverge` times the best so far (or is not finite).
+and stops once the smoothed loss, or one batch's loss, exceeds `diverge` times the best smoothed loss so far
+(or is not finite): the smoothed loss lags the raw one by about 1 / (1 - smooth) steps (50 at 0.98, half of a
+100-step test), so on its own it let a test run on for 30 steps after the loss had exploded, into LRs where
+the net collapses and recovers (seed C's custom ResNet: 2.4 at lr 1e-2, 23 at 4e-2, 3.0 again at 0.5).
 Under torchrun each rank trains on its shard and the loss is the mean over ranks, so all
 ranks stop at the same step.
 Afterwards the model's weights and buffers, the optimizer's state, the RNG state and the train
 loader's epoch counter are restored from deep copies: training after a range test is the same
 as training without one.
 
-Suggestions, all among the tested LRs (so inside [start, end]):
+Suggestions, all among the tested LRs up to the minimum of the smoothed loss (past it the loss is rising or
+has diverged, and a "steepest fall" there is a recovery from divergence, not a learning rate):
 - steepest: where the smoothed loss falls fastest per decade of LR (most negative
   d smoothed / d log10 lr);
 - valley: the middle (geometric mean of its first and last LR) of the longest stretch of steps
@@ -113,6 +117,9 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                 if smoothed_loss > diverge * best:
                     stop_reason = f"smoothed loss {smoothed_loss:.4f} > {diverge:g} x best {best:.4f} at lr {lr:.3e}"
                     break
+                if value > diverge * best:
+                    stop_reason = f"batch loss {value:.4f} > {diverge:g} x best smoothed {best:.4f} at lr {lr:.3e}"
+                    break
             bar.close()
         finally:
             batches.close()  # ends the epoch in progress
@@ -152,17 +159,20 @@ def _longest_descent(values: list[float]) -> tuple[int, int]:
 
 def descent_start(lrs: list[float], smoothed: list[float]) -> float:
     """The LR where the longest descent of the smoothed loss begins: the lowest LR at which training
-    clearly improves (`scheduler.start_lr: find`, the "LRMIN" of a one-cycle run)."""
-    first, _ = _longest_descent(list(smoothed))
+    clearly improves (`scheduler.start_lr: find`, the "LRMIN" of a one-cycle run); like the suggestions, read from
+    the steps up to the smoothed minimum, so that it never exceeds them."""
+    first, _ = _longest_descent(list(smoothed)[:int(np.argmin(smoothed)) + 1])
     return float(lrs[first])
 
 
 def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
-    """steepest, valley and min/10 (see the module docstring), each within [lrs[0], lrs[-1]]."""
-    lr = np.asarray(lrs, dtype=float)
-    loss = np.asarray(smoothed, dtype=float)
-    lo, hi = float(lr[0]), float(lr[-1])
-    slope = np.gradient(loss, np.log10(lr))
+    """steepest, valley and min/10 (see the module docstring), each within [lrs[0], lrs[-1]] and read from the
+    steps up to the smoothed loss's minimum."""
+    lowest = int(np.argmin(np.asarray(smoothed, dtype=float)))
+    lr = np.asarray(lrs, dtype=float)[:lowest + 1]
+    loss = np.asarray(smoothed, dtype=float)[:lowest + 1]
+    lo, hi = float(lrs[0]), float(lrs[-1])
+    slope = np.gradient(loss, np.log10(lr)) if len(lr) > 1 else np.zeros(1)
     steepest = float(lr[int(np.argmin(slope))])
     first, last = _longest_descent(list(loss))
     valley = float(math.sqrt(lr[first] * lr[last]))
