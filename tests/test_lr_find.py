@@ -13,7 +13,7 @@ import yaml
 
 from beton.errors import UserError
 from fastcifar_cli import main
-from train.config import build_config
+from train.config import LR_SUGGESTIONS, build_config
 from train.loop import build
 from train.lr_find import descent_start, lr_find, resolve_max_lr, suggestions
 from train.optim import build_optimizer
@@ -78,7 +78,7 @@ def test_range_test_restores_everything_and_suggests_inside_the_range(setup):
         avg = 0.98 * avg + 0.02 * loss
         smoothed.append(avg / (1 - 0.98 ** (i + 1)))
     assert np.allclose(smoothed, result["smoothed"])
-    assert set(result["suggestions"]) == {"steepest", "valley", "min/10"}
+    assert tuple(result["suggestions"]) == LR_SUGGESTIONS
     assert in_range(result)
     if result["stopped_early"]:
         best = min(result["smoothed"])
@@ -118,7 +118,7 @@ def test_suggestions_come_from_the_steps_before_the_smoothed_minimum():
     lowest = lrs[24]
     s = suggestions(lrs, loss)
     assert all(lrs[0] <= v <= lowest for v in s.values()), s
-    assert s["min/10"] == pytest.approx(lowest / 10)
+    assert s["min/10"] == pytest.approx(lowest / 10) and s["minimum"] == lowest
     assert s["valley"] == pytest.approx(math.sqrt(lrs[0] * lowest))
     assert descent_start(lrs, loss) == lrs[0]
 
@@ -151,6 +151,22 @@ def test_resolve_max_lr_uses_the_valley_and_keeps_the_weights(setup, learnable_b
     assert resolve_max_lr(plain, setup, log=lines.append) is plain and len(lines) == 1
 
 
+def test_max_lr_rule_picks_the_suggestion_that_max_lr_find_takes(setup, learnable_betons):
+    lines = []
+    found = {}
+    for rule in LR_SUGGESTIONS:
+        cfg = build_config(tiny(learnable_betons, scheduler__max_lr="find", scheduler__max_lr_rule=rule,
+                                data__batch_size=50))
+        result = lr_find(cfg, start=1e-4, iters=12, parts=setup, progress=False)  # the same test: seeded
+        found[rule] = resolve_max_lr(cfg, setup, log=lines.append, start=1e-4, iters=12).scheduler.max_lr
+        assert found[rule] == result["suggestions"][rule] and f"({rule} of a {result['steps']}-step" in lines[-1]
+        assert found[rule] == resolve_max_lr(cfg, setup, log=lines.append, start=1e-4, iters=12).scheduler.max_lr
+    assert found["min/10"] == pytest.approx(found["minimum"] / 10) or found["min/10"] == 1e-4
+    with pytest.raises(UserError, match=r"^scheduler.max_lr_rule: unknown range-test suggestion 'lowest'; known: "
+                                        r"steepest, valley, minimum, min/10$"):
+        build_config(tiny(learnable_betons, scheduler__max_lr="find", scheduler__max_lr_rule="lowest"))
+
+
 def test_cli_lr_find(learnable_betons, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny(learnable_betons, data__batch_size=50)))
@@ -159,7 +175,7 @@ def test_cli_lr_find(learnable_betons, tmp_path, capsys):
         main(["lr-find", str(config), "--iters", "10", "--start", "1e-4", "--out", str(out)])
     captured = capsys.readouterr()
     assert exc.value.code == 0, captured.err
-    for name in ("steepest", "valley", "min/10"):
+    for name in LR_SUGGESTIONS:
         assert f"{name}:" in captured.out
     result = json.loads((out / "lr_find.json").read_text())
     assert in_range(result) and result["start"] == 1e-4 and result["iters"] == 10

@@ -212,14 +212,14 @@ def lr_find_command(
                                        "(default: runs/<name>-lr-find)."),
 ) -> None:
     """LR range test: exponential LR steps from --start to --end, smoothed loss, stop on divergence;
-    writes lr_find.png and lr_find.json and prints the suggestions (steepest, valley, min/10).
+    writes lr_find.png and lr_find.json and prints the suggestions (steepest, valley, minimum, min/10).
 
     Example: fastcifar lr-find configs/custom_resnet_onecycle.yaml --iters 100
     """
     import warnings
 
     from .config import load_config
-    from .lr_find import MAX_LR_SUGGESTION, _check_range, describe, lr_find, write
+    from .lr_find import _check_range, describe, lr_find, write
     from .stop import abandonable
 
     _check_range(start, end, iters, 0.98, 4.0)
@@ -236,8 +236,9 @@ def lr_find_command(
     typer.echo(f"LR range test of {cfg.name}: {result['steps']} steps from {start:.1e} to {end:.1e}")
     for line in describe(result):
         typer.echo(line)
-    typer.echo(f"for OneCycle: --set scheduler.max_lr={result['suggestions'][MAX_LR_SUGGESTION]:.3g} "
-               f"({MAX_LR_SUGGESTION}), or scheduler.max_lr: find")
+    rule = cfg.scheduler.max_lr_rule
+    typer.echo(f"for OneCycle: --set scheduler.max_lr={result['suggestions'][rule]:.3g} ({rule}), "
+               f"or scheduler.max_lr: find (scheduler.max_lr_rule picks the suggestion)")
     typer.echo(f"wrote {json_path} and {png_path}")
 
 

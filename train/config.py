@@ -63,6 +63,10 @@ class OptimizerConfig:
             raise UserError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
+# The LR range test's suggestions (train.lr_find computes each; `scheduler.max_lr_rule` picks one): here, so that
+# configs check the name without importing torch.
+LR_SUGGESTIONS = ("steepest", "valley", "minimum", "min/10")
+
 # Parameter roles (train.optim.roles splits a model by them; a module's `param_role` hook names one of these):
 # here, so that configs check role names without importing torch.
 ROLES = ("filters", "norm_biases", "whitening_bias", "head", "other")
@@ -79,6 +83,9 @@ class SchedulerConfig:
     name: str = "onecycle"  # a name in train.optim.schedules.SCHEDULERS
     # onecycle (stepped per batch)
     max_lr: Union[float, Literal["find"], None] = None  # default: optimizer.lr; "find": LR range test first
+    # with max_lr: find, the range test's suggestion it takes (LR_SUGGESTIONS); kept in a run's config.yaml
+    # beside the number it found
+    max_lr_rule: str = "valley"
     # the first (and, with final_div_factor 1, the last) LR; sets div_factor = max_lr / start_lr.
     # "find": from the same range test as max_lr (the LR where the loss starts its longest descent)
     start_lr: Union[float, Literal["find"], None] = None
@@ -124,6 +131,7 @@ class SchedulerConfig:
             raise UserError(f"scheduler.max_lr must be positive or 'find', got {self.max_lr}")
         if isinstance(self.start_lr, float) and self.start_lr <= 0:
             raise UserError(f"scheduler.start_lr must be positive or 'find', got {self.start_lr}")
+        _known(self.max_lr_rule, LR_SUGGESTIONS, "scheduler.max_lr_rule", "range-test suggestion")
         if self.mode is None:
             self.mode = "max" if self.monitor.endswith("_acc") else "min"
         if self.warmup_epochs < 0 or not 0 <= self.end_factor <= 1:

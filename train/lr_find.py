@@ -21,9 +21,13 @@ has diverged, and a "steepest fall" there is a recovery from divergence, not a l
   d smoothed / d log10 lr);
 - valley: the middle (geometric mean of its first and last LR) of the longest stretch of steps
   over which the smoothed loss keeps falling: well inside the region where training improves,
-  short of the minimum where it starts to fail. `max_lr: find` uses it;
+  short of the minimum where it starts to fail (`max_lr: find`'s default);
+- minimum: the LR of the minimum smoothed loss, where the loss stops falling: Leslie Smith's upper bound for
+  a one-cycle schedule (arXiv:1803.09820, section 4.1), whose warm-up lets the net reach an LR that the
+  range test's abrupt climb only just tolerated;
 - min/10: the LR of the minimum smoothed loss, divided by 10 (the classic rule of thumb),
   raised to `start` if it would fall below the tested range.
+`scheduler.max_lr: find` takes `scheduler.max_lr_rule` (default valley).
 """
 from __future__ import annotations
 
@@ -43,14 +47,13 @@ from fastloader.loaders import cycle
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import ExperimentConfig
+from .config import LR_SUGGESTIONS, ExperimentConfig
 from .optim import build_optimizer
 from .parts import RunParts, build
 from .step import Step, train_step
 from .stop import requested as stop_requested
 
-SUGGESTIONS = ("steepest", "valley", "min/10")
-MAX_LR_SUGGESTION = "valley"  # what `scheduler.max_lr: find` uses
+SUGGESTIONS = LR_SUGGESTIONS
 
 
 # ---------------------------------------------------------------- the test
@@ -135,7 +138,7 @@ def range_test(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
     return {"start": start, "end": end, "iters": iters, "smooth": smooth, "diverge": diverge,
             "steps": len(lrs), "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
             "lr": lrs, "loss": losses, "smoothed": smoothed, "suggestions": suggestions(lrs, smoothed),
-            "max_lr_suggestion": MAX_LR_SUGGESTION, "descent_start": descent_start(lrs, smoothed)}
+            "descent_start": descent_start(lrs, smoothed)}
 
 
 def _bar(total: int, enabled: bool):
@@ -176,9 +179,10 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
     steepest = float(lr[int(np.argmin(slope))])
     first, last = _longest_descent(list(loss))
     valley = float(math.sqrt(lr[first] * lr[last]))
-    min_10 = float(lr[int(np.argmin(loss))] / 10)
+    minimum = float(lr[int(np.argmin(loss))])
     clip = lambda v: float(min(max(v, lo), hi))  # noqa: E731
-    return {"steepest": clip(steepest), "valley": clip(valley), "min/10": clip(min_10)}
+    found = {"steepest": clip(steepest), "valley": clip(valley), "minimum": clip(minimum), "min/10": clip(minimum / 10)}
+    return {name: found[name] for name in SUGGESTIONS}
 
 
 def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters: int = 100,
@@ -189,7 +193,7 @@ def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters
 
     Model, optimizer, RNG and loader epoch are restored afterwards. Returns a dict with the
     tested `lr`, raw `loss`, `smoothed` loss (one per step actually run), `steps`,
-    `stopped_early`/`stop_reason`, the arguments, and `suggestions` {steepest, valley, min/10}.
+    `stopped_early`/`stop_reason`, the arguments, and `suggestions` {steepest, valley, minimum, min/10}.
     """
     _check_range(start, end, iters, smooth, diverge)
     if parts is None:
@@ -215,7 +219,7 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     lr, loss, smoothed = result["lr"], result["loss"], result["smoothed"]
     ax.plot(lr, loss, color="0.75", linewidth=1, label="loss per batch")
     ax.plot(lr, smoothed, color="C0", linewidth=2, label="smoothed loss")
-    colours = {"steepest": "C1", "valley": "C2", "min/10": "C3"}
+    colours = {"steepest": "C1", "valley": "C2", "minimum": "C4", "min/10": "C3"}
     for name, value in result["suggestions"].items():
         y = float(np.interp(np.log10(value), np.log10(lr), smoothed))
         ax.axvline(value, color=colours.get(name, "k"), linestyle="--", linewidth=1)
@@ -267,8 +271,8 @@ def resolve_max_lr(cfg: ExperimentConfig, parts, log: Callable[[str], None] = pr
                    iters: int = 100) -> ExperimentConfig:
     """`scheduler.max_lr: find` and `scheduler.start_lr: find` -> numbers: for a OneCycle config asking
     for either, run one range test (by default 1e-7 to 10 over 100 batches) on `parts`' model and
-    train loader, restoring them, and return a copy of `cfg` with max_lr the `valley` suggestion and
-    start_lr the start of the longest descent (each only where asked). Any other config is returned
+    train loader, restoring them, and return a copy of `cfg` with max_lr the suggestion `max_lr_rule` names
+    and start_lr the start of the longest descent (each only where asked). Any other config is returned
     as it is (the same object). With `out`, lr_find.json/png are written there too.
     """
     sched = cfg.scheduler
@@ -277,9 +281,10 @@ def resolve_max_lr(cfg: ExperimentConfig, parts, log: Callable[[str], None] = pr
     result = lr_find(cfg, start=start, end=end, iters=iters, parts=parts)
     found = {}
     if sched.max_lr == "find":
-        found["max_lr"] = float(result["suggestions"][MAX_LR_SUGGESTION])
-        others = ", ".join(f"{k} {v:.3e}" for k, v in result["suggestions"].items() if k != MAX_LR_SUGGESTION)
-        log(f"lr-find: scheduler.max_lr = {found['max_lr']:.3e} ({MAX_LR_SUGGESTION} of a {result['steps']}-step "
+        rule = sched.max_lr_rule
+        found["max_lr"] = float(result["suggestions"][rule])
+        others = ", ".join(f"{k} {v:.3e}" for k, v in result["suggestions"].items() if k != rule)
+        log(f"lr-find: scheduler.max_lr = {found['max_lr']:.3e} ({rule} of a {result['steps']}-step "
             f"range test; {others})")
     if sched.start_lr == "find":
         found["start_lr"] = float(result["descent_start"])
