@@ -2,6 +2,7 @@
 need no timing."""
 from __future__ import annotations
 
+import re
 import time
 from types import SimpleNamespace
 
@@ -34,7 +35,13 @@ def test_budget_fixes_the_epochs_and_resume_and_reruns_need_no_timing(learnable_
     history = fit(cfg, whole)
     saved = whole.config()["train"]
     assert saved["budget"] is None and saved["epochs"] == len(history) == 3  # (100 s - start-up) // 25 s
-    assert "train.budget 100s: 3 epochs" in (whole.path / "train.log").read_text()
+    log = (whole.path / "train.log").read_text()
+    assert "train.budget 100s: 3 epochs" in log
+    startup = next(line for line in log.splitlines() if " start-up " in line)  # each phase named with its cost
+    total = float(re.search(r"start-up ([\d.]+) s before the first epoch", startup)[1])
+    phases = dict((name, float(sec)) for name, sec in re.findall(r"(?:: |, )([a-zA-Z ]+?) ([\d.]+) s", startup))
+    assert {"model", "loaders", "budget probe", "the rest"} <= set(phases) and "LR range test" not in phases
+    assert sum(phases.values()) == pytest.approx(total, abs=0.2)
 
     monkeypatch.setattr(train.budget, "epoch_seconds", _no_measuring)
     stopped = RunDir(tmp_path / "stopped")

@@ -76,6 +76,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
         resolve_at_start(parts, started)  # the LR range test ends early on a stop request
     check("during set-up, before training started; nothing new was written")
     training = start_training(parts)
+    parts.notes.append(startup_line(parts.startup, time.perf_counter() - started))
     rec = Recorder(run, parts)
     rec.open(resume)
     for line in parts.notes:
@@ -129,11 +130,23 @@ def resolve_at_start(parts: RunParts, started: float) -> None:
     config.yaml stores: resume and reruns need neither. Every rank measures, in step with the others (the
     range test stops on the loss averaged over ranks, the budget times the same number of steps on each), so
     SyncBatchNorm's collectives run on all ranks alike; every rank takes rank 0's numbers."""
-    parts.cfg = distributed.from_main(resolve_max_lr(parts.cfg, parts, log=parts.notes.append), parts.device)
+    begin = time.perf_counter()
+    found = distributed.from_main(resolve_max_lr(parts.cfg, parts, log=parts.notes.append), parts.device)
+    if found.scheduler != parts.cfg.scheduler:  # `find` became numbers
+        parts.startup["LR range test"] = time.perf_counter() - begin
+    parts.cfg, begin = found, time.perf_counter()
     cfg, line = distributed.from_main(resolve_budget(parts, started), parts.device)
     parts.cfg = cfg
     if line:
         parts.notes.append(line)
+        parts.startup["budget probe"] = time.perf_counter() - begin
+
+
+def startup_line(phases: dict, total: float) -> str:
+    """The train.log line of what came before the first epoch: `total` seconds since `fit` began (the
+    process's imports are before it), each named phase of `phases`, and the rest."""
+    named = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+    return f"start-up {total:.1f} s before the first epoch: {named}, the rest {max(0.0, total - sum(phases.values())):.1f} s"
 
 
 def train_epoch(parts: RunParts, training: Training, epoch: int, stop: StopRequest | None = None,

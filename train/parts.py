@@ -6,6 +6,7 @@ same model on the same batches. A model that needs the data says so with a `fit_
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -50,6 +51,7 @@ class RunParts:
     classes: list
     world: distributed.World = field(default_factory=distributed.World)
     notes: list = field(default_factory=list)  # what was resolved at build time, for the run's log
+    startup: dict = field(default_factory=dict)  # seconds of each named start-up phase (loop.startup_line)
     val_loader: BatchLoader | None = None  # the images data.val_split holds out of the training split
 
 
@@ -60,6 +62,7 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> RunParts
     set_deterministic(cfg.train.deterministic)  # before any CUDA work of the run
     if device.type == "cpu" and cfg.train.reuse_memory:
         reuse_freed_memory()  # before the precision probe, so it times the steps the run will take
+    startup, begin = {}, time.perf_counter()
     manifest = read_manifest(cfg.data.folder())
     classes = list(manifest["classes"])
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -70,6 +73,7 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> RunParts
         model = distributed.sync_batchnorm(model, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
+    startup["model"], begin = time.perf_counter() - begin, time.perf_counter()
     notes = []
     if cfg.train.precision == "auto":  # measured on rank 0, used by all
         world = distributed.current()
@@ -77,9 +81,11 @@ def build(cfg: ExperimentConfig, device: torch.device | None = None) -> RunParts
                                            if world.main else None, device)
         cfg = replace(cfg, train=replace(cfg.train, precision=name))
         notes.append(note)
+        startup["precision probe"], begin = time.perf_counter() - begin, time.perf_counter()
     precision = resolve_precision(cfg.train.precision, device)
     train_loader, test_loader = build_loaders(cfg.data, device, precision.batch_dtype)
     val_loader = build_loader(cfg.data, "val", device, precision.batch_dtype) if cfg.data.val_split else None
+    startup["loaders"] = time.perf_counter() - begin
     return RunParts(cfg=cfg, device=device, precision=precision, model=model, train_loader=train_loader,
                     test_loader=test_loader, classes=classes, world=distributed.current(), notes=notes,
-                    val_loader=val_loader)
+                    val_loader=val_loader, startup=startup)
