@@ -223,7 +223,7 @@ def _compile(salt):
     def augment_batch(src, dst, indices, codes, settings, in_size, seed, epoch, fill, scale, offset, border):
         """Augment a batch in parallel; `dst` is uint8 (rounded) or float (normalised) HWC; `border`:
         the table's (`AugTable.border`, an int64: BORDER_CONSTANT or BORDER_REFLECT). Required, not
-        defaulted: an omitted argument is another numba signature, compiled again (25 s cold); so is a
+        defaulted: an omitted argument is another numba signature, compiled again (17 s cold); so is a
         writable table where FFCV's pipeline hands read-only ones, or uint64 indices: see `frozen`."""
         salt  # noqa: B018 (a closure value: see dispatch.SALT)
         k = codes.shape[0]

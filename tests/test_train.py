@@ -143,6 +143,8 @@ def test_max_lr_find_runs_the_range_test_and_stores_the_number(learnable_betons,
     assert isinstance(max_lr, float) and 1e-7 <= max_lr <= 10
     log = (run.path / "train.log").read_text()
     assert "valley" in log and "LR range test" in next(line for line in log.splitlines() if " start-up " in line)
+    found = json.loads((run.path / "lr_find.json").read_text())  # the range test beside the number it gave
+    assert found["suggestions"]["valley"] == max_lr and (run.path / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

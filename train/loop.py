@@ -28,7 +28,7 @@ from beton.errors import UserError
 from . import distributed
 from .config import ExperimentConfig
 from .hardware import resolve_device
-from .lr_find import resolve_max_lr
+from .lr_find import resolve_max_lr, write as write_lr_find
 from .metrics import Pass, Progress, metrics_line, monitored, timing_line
 from .record import Recorder
 from .run import RunDir
@@ -79,6 +79,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     parts.notes.append(startup_line(parts.startup, time.perf_counter() - started))
     rec = Recorder(run, parts)
     rec.open(resume)
+    if parts.lr_find is not None and parts.world.main:  # the range test `max_lr: find` ran, beside its numbers
+        write_lr_find(parts.lr_find, run.path, f"{parts.cfg.name}: LR range test")
     for line in parts.notes:
         rec.log(line)
 

@@ -273,12 +273,14 @@ def resolve_max_lr(cfg: ExperimentConfig, parts, log: Callable[[str], None] = pr
     for either, run one range test (by default 1e-7 to 10 over 100 batches) on `parts`' model and
     train loader, restoring them, and return a copy of `cfg` with max_lr the suggestion `max_lr_rule` names
     and start_lr the start of the longest descent (each only where asked). Any other config is returned
-    as it is (the same object). With `out`, lr_find.json/png are written there too.
+    as it is (the same object). The test's result is kept in `parts.lr_find` (the loop writes it into the
+    run folder); with `out`, lr_find.json/png are written there too.
     """
     sched = cfg.scheduler
     if sched.name != "onecycle" or "find" not in (sched.max_lr, sched.start_lr):
         return cfg
     result = lr_find(cfg, start=start, end=end, iters=iters, parts=parts)
+    parts.lr_find = result
     found = {}
     if sched.max_lr == "find":
         rule = sched.max_lr_rule

@@ -52,6 +52,7 @@ class RunParts:
     world: distributed.World = field(default_factory=distributed.World)
     notes: list = field(default_factory=list)  # what was resolved at build time, for the run's log
     startup: dict = field(default_factory=dict)  # seconds of each named start-up phase (loop.startup_line)
+    lr_find: dict | None = None  # the LR range test `max_lr: find` ran (lr_find.json/png in the run folder)
     val_loader: BatchLoader | None = None  # the images data.val_split holds out of the training split
 
 
