@@ -225,7 +225,9 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
         ax.axvline(value, color=colours.get(name, "k"), linestyle="--", linewidth=1)
         ax.plot([value], [y], "o", color=colours.get(name, "k"), markersize=8, label=f"{name}: {value:.2e}")
     ax.set_xscale("log")
-    low, high = min(smoothed), max(smoothed[0], min(max(smoothed), 2 * smoothed[0]))
+    # from the lowest batch loss (the smoothed one lags it: seed C's fell to 2.0 where the smoothed was 3.2) to
+    # the start, clipped where a divergence would flatten everything else
+    low, high = min(min(loss), min(smoothed)), max(smoothed[0], min(max(smoothed), 2 * smoothed[0]))
     pad = 0.05 * (high - low or 1)
     ax.set_ylim(low - pad, high + 4 * pad)
     ax.set_xlabel("learning rate (log scale)", fontsize=11)
