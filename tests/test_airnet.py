@@ -101,3 +101,39 @@ def test_airnet_shape_options_and_registry_convention():
     assert isinstance(layer.layer1.norm1, torch.nn.GroupNorm) and layer.layer1.norm1.num_groups == 1
     with pytest.raises(UserError, match="unknown norm"):
         airnet(10, "weird", widths=WIDTHS)
+
+
+def test_activation_option_swaps_every_gelu_and_keeps_the_parameters():
+    """hiverge/cifar10-speedrun's SiLU for airbench's GELU: `model.options.activation: silu`."""
+    silu, gelu = _net(activation="silu"), _net()
+    kinds = lambda net: {type(m).__name__ for m in net.modules() if isinstance(m, (torch.nn.GELU, torch.nn.SiLU))}  # noqa: E731
+    assert kinds(silu) == {"SiLU"} and kinds(gelu) == {"GELU"}
+    assert sum(isinstance(m, torch.nn.SiLU) for m in silu.modules()) == 1 + 2 * len(WIDTHS)
+    assert [p.shape for p in silu.parameters()] == [p.shape for p in gelu.parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    assert silu(x).shape == (2, 10) and not torch.equal(silu(x), gelu(x))
+    with pytest.raises(UserError, match=r"^airnet: unknown activation 'relu'; known: gelu, silu$"):
+        _net(activation="relu")
+
+
+def test_whitening_images_option_fits_the_conv_on_that_many_first_training_images(learnable_betons):
+    """hiverge/cifar10-speedrun fits the whitening on fewer images than airbench's 5,000."""
+    import json
+
+    from fastloader.config import DataConfig
+    from fastloader.loaders import read_split
+    from train.models.airnet import fit_whitening, WhiteningConv
+
+    data = DataConfig(beton_dir=str(learnable_betons))
+    stats = json.loads((learnable_betons / "manifest.json").read_text())
+    net = _net(whitening_images=50)
+    net.whiten.fit_to_data(data, stats["mean"], stats["std"])
+    expected = WhiteningConv(3, 2)
+    fit_whitening(expected, read_split(data.folder(), "train")[0][:50], stats["mean"], stats["std"])
+    assert torch.equal(net.whiten.weight, expected.weight) and torch.equal(net.whiten.bias, expected.bias)
+    every = _net()
+    every.whiten.fit_to_data(data, stats["mean"], stats["std"])  # the default: the first 5,000 (here: all 1,000)
+    assert not torch.equal(every.whiten.weight, net.whiten.weight)
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserError, match="whitening_images must be a positive number"):
+            _net(whitening_images=bad)

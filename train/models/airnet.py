@@ -37,16 +37,19 @@ from .norms import norm_layer
 
 
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches set a whitening conv (airbench's number)
+# the activation after the whitening conv and each norm (airbench: GELU; hiverge/cifar10-speedrun: SiLU); any
+# odd-symmetric-plus-identity one keeps the +v/-v whitening lossless: f(x) - f(-x) = x for both
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 
-def whitening_images(data) -> np.ndarray:
-    """The first WHITENING_IMAGES training images (never validation ones), uint8 N x 32 x 32 x 3."""
+def whitening_images(data, count: int = WHITENING_IMAGES) -> np.ndarray:
+    """The first `count` training images (never validation ones), uint8 N x 32 x 32 x 3."""
     from fastloader.loaders import read_split, train_val_indices  # FFCV loads only where a model needs the data
 
     images, _ = read_split(data.folder(), "train")
     train_indices, _ = train_val_indices(len(images), data)
     chosen = np.arange(len(images)) if train_indices is None else train_indices
-    return images[chosen[:WHITENING_IMAGES]]
+    return images[chosen[:count]]
 
 
 class WhiteningConv(nn.Conv2d):
@@ -57,13 +60,14 @@ class WhiteningConv(nn.Conv2d):
     the bias stops training after `train.whitening_bias_epochs`.
     """
 
-    def __init__(self, in_channels: int = 3, kernel_size: int = 2):
+    def __init__(self, in_channels: int = 3, kernel_size: int = 2, images: int = WHITENING_IMAGES):
         super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, padding=0, bias=True)
         self.weight.requires_grad_(False)
+        self.images = images
 
     def fit_to_data(self, data, mean: Sequence[float], std: Sequence[float]) -> None:
-        """The hook `train.parts.build` calls: filters and bias from the run's first training images."""
-        fit_whitening(self, whitening_images(data), mean, std)
+        """The hook `train.parts.build` calls: filters and bias from the run's first `images` training images."""
+        fit_whitening(self, whitening_images(data, self.images), mean, std)
 
     def param_role(self, name: str, param: nn.Parameter) -> str:
         return "whitening_bias" if name == "bias" else "other"
@@ -100,13 +104,13 @@ class Conv(nn.Conv2d):
 
 
 class ConvGroup(nn.Sequential):
-    """conv3x3 -> MaxPool2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
+    """conv3x3 -> MaxPool2 -> BN -> GELU -> conv3x3 -> BN -> GELU (`activation`: another one for GELU)."""
 
-    def __init__(self, cin: int, cout: int, bn: dict, dirac: bool, norm_layer=None):
+    def __init__(self, cin: int, cout: int, bn: dict, dirac: bool, norm_layer=None, activation=nn.GELU):
         norm = norm_layer or (lambda c: BatchNorm(c, **bn))
         super().__init__(OrderedDict(conv1=Conv(cin, cout, dirac), pool=nn.MaxPool2d(2), norm1=norm(cout),
-                                     act1=nn.GELU(), conv2=Conv(cout, cout, dirac), norm2=norm(cout),
-                                     act2=nn.GELU()))
+                                     act1=activation(), conv2=Conv(cout, cout, dirac), norm2=norm(cout),
+                                     act2=activation()))
 
 
 class AirNet(nn.Module):
@@ -114,18 +118,24 @@ class AirNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256), whiten_kernel: int = 2,
                  bn_momentum: float = 0.4, bn_eps: float = 1e-12, bn_frozen_scale: bool = True, dirac: bool = True,
-                 logit_scale: float | None = None, norm_layer=None):
+                 logit_scale: float | None = None, norm_layer=None, activation: str = "gelu",
+                 whitening_images: int = WHITENING_IMAGES):
         super().__init__()
         if not widths or any(int(w) < 1 for w in widths):
             raise UserError(f"airnet widths must be positive channel counts, got {tuple(widths)!r}")
         if not 0 < bn_momentum <= 1 or bn_eps <= 0:
             raise UserError(f"airnet: bn_momentum must be in (0, 1] and bn_eps positive, got {bn_momentum}, {bn_eps}")
-        self.stem = nn.Sequential(OrderedDict(whiten=WhiteningConv(3, whiten_kernel), act=nn.GELU()))
+        if activation not in ACTIVATIONS:
+            raise UserError(f"airnet: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if isinstance(whitening_images, bool) or not isinstance(whitening_images, int) or whitening_images < 1:
+            raise UserError(f"airnet: whitening_images must be a positive number of images, got {whitening_images!r}")
+        act = ACTIVATIONS[activation]
+        self.stem = nn.Sequential(OrderedDict(whiten=WhiteningConv(3, whiten_kernel, whitening_images), act=act()))
         bn = {"momentum": bn_momentum, "eps": bn_eps, "frozen_scale": bn_frozen_scale}
         cin = self.stem.whiten.out_channels
         self.depth = len(widths)
         for i, width in enumerate(widths, start=1):
-            setattr(self, f"layer{i}", ConvGroup(cin, int(width), bn, dirac, norm_layer))
+            setattr(self, f"layer{i}", ConvGroup(cin, int(width), bn, dirac, norm_layer, act))
             cin = int(width)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(cin, num_classes, bias=False)
