@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastloader
+from beton.errors import UserError
 from fastloader import augs
 from fastloader.augs import MODULES, OPS, REGISTRY, make_aug, pack
 from fastloader.augs.alt_flip import AlternatingFlip
@@ -347,3 +348,29 @@ def test_alt_flip_mirrors_exactly_and_both_paths_agree():
     kernel_out, p = run_kernel(augs_, epoch=3, out_dtype=np.float32)
     device_out = warp(torch.from_numpy(IMAGES).permute(0, 3, 1, 2), p, pack(augs_)).numpy()
     assert np.abs(device_out - kernel_out).max() <= 1e-3 * 255
+
+
+# ---- brightness_contrast: hiverge/cifar10-speedrun's colour jitter -------------
+
+def test_brightness_contrast_shifts_then_scales_about_its_centre_and_both_paths_agree():
+    from fastloader.augs.brightness_contrast import BrightnessContrast
+
+    aug = BrightnessContrast(brightness=20.0, contrast=0.3, centre=(120.0, 110.0, 100.0))
+    out, p = run_kernel([aug], out_dtype=np.float32)
+    shift, factor = p[:, 1, 1].reshape(-1, 1, 1, 1), p[:, 1, 2].reshape(-1, 1, 1, 1)
+    assert (p[:, 1, 0] == 1).all() and np.abs(shift).max() <= 20 and np.abs(factor - 1).max() <= 0.3
+    assert np.std(shift) > 5 and np.std(factor) > 0.08  # drawn per image
+    centre = np.array([120.0, 110.0, 100.0])
+    expected = np.clip(centre + (IMAGES - centre + shift) * factor, 0, 255)
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+    device_out = warp(torch.from_numpy(IMAGES).permute(0, 3, 1, 2), p, pack([aug])).numpy()
+    np.testing.assert_allclose(device_out, out, atol=1e-3)
+    mean = pack([make_aug({"brightness_contrast": {"centre": "mean"}})], mean=[125.3, 123.0, 113.9])
+    col = settings_layout(BrightnessContrast).centre
+    assert mean.settings[0, col:col + 3].tolist() == [125.3, 123.0, 113.9]  # centre: mean is the training mean
+    untouched, _ = run_kernel([BrightnessContrast(p=0.0)], out_dtype=np.float32)
+    np.testing.assert_array_equal(untouched, IMAGES.astype(np.float32))
+    for bad, message in (({"contrast": 1.0}, "contrast must be below 1"), ({"brightness": -1}, "brightness"),
+                         ({"p": 2}, "p must be a probability")):
+        with pytest.raises(UserError, match=message):
+            BrightnessContrast(**bad)

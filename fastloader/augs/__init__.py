@@ -66,6 +66,7 @@ MODULES = (
     "rgb_shift",
     "vflip",
     "alt_flip",
+    "brightness_contrast",
 )
 
 OPS: dict[str, Op] = {name: import_module(f"{__name__}.{name}").OP for name in MODULES}
