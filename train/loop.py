@@ -148,7 +148,8 @@ def startup_line(phases: dict, total: float) -> str:
     """The train.log line of what came before the first epoch: `total` seconds since `fit` began (the
     process's imports are before it), each named phase of `phases`, and the rest."""
     named = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
-    return f"start-up {total:.1f} s before the first epoch: {named}, the rest {max(0.0, total - sum(phases.values())):.1f} s"
+    rest = max(0.0, total - sum(phases.values()))
+    return f"start-up {total:.1f} s before the first epoch: {named}, the rest {rest:.1f} s"
 
 
 def train_epoch(parts: RunParts, training: Training, epoch: int, stop: StopRequest | None = None,
