@@ -79,6 +79,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     parts.notes.append(startup_line(parts.startup, time.perf_counter() - started))
     rec = Recorder(run, parts)
     rec.open(resume)
+    saved = rec.load(training) if resume else None  # a checkpoint that cannot be read stops here, nothing written
     if parts.lr_find is not None and parts.world.main:  # the range test `max_lr: find` ran, beside its numbers
         write_lr_find(parts.lr_find, run.path, f"{parts.cfg.name}: LR range test")
     for line in parts.notes:
@@ -86,9 +87,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
 
     # 2. Start, or continue from the last checkpoint (mid-epoch if it was saved there)
     if resume:
-        saved = rec.resume(training)
+        rec.resume(training, saved)
     else:
-        saved = None
         rec.begin(training)
 
     # 3. The epochs

@@ -31,11 +31,16 @@ class Recorder:
         if self.main:
             self.run.log(line, echo)
 
-    def resume(self, training: Training) -> dict | None:
-        """Load the last checkpoint into `t`; returns its mid-epoch progress, if any."""
+    def load(self, training: Training) -> dict | None:
+        """Load the last checkpoint into `training` (before anything is written: a bad one changes nothing);
+        returns its mid-epoch progress, if any."""
         saved = training.load_state_dict(checkpoint.load(self.run.last), self.run.last)  # on the CPU: RNG stays there
         if saved and not self.main:  # rank 0's saved sums already hold every rank's share
             saved = {**saved, "loss_sum": 0.0, "correct": 0, "count": 0}
+        return saved
+
+    def resume(self, training: Training, saved: dict | None) -> None:
+        """Continue the records of the run `load` read: metrics cut to the checkpoint, the log, TensorBoard."""
         if self.main:
             self._records(training)  # a crash may have left them behind the checkpoint
         where = f"epoch {training.epoch + 1}, batch {saved['batch']}" if saved else f"epoch {training.epoch}"
@@ -43,7 +48,6 @@ class Recorder:
         for line in training.notes:  # what the checkpoint held that this machine could not take (another GPU count)
             self.log(line)
         self._open_board(training.epoch)
-        return saved
 
     def begin(self, training: Training) -> None:
         parts, cfg = self.parts, self.parts.cfg
