@@ -27,6 +27,7 @@ import torch
 from beton.atomic import atomic_write_text
 from beton.errors import UserError
 from fastloader.loaders import read_split
+from train.budget import budget_use
 from train.config import ExperimentConfig
 from train.models import count_parameters
 
@@ -326,6 +327,12 @@ def _report_md(a: Analysis, metrics: list[dict], checkpoint: str, pick: str, see
               f"{cfg.train.epochs}); analysed {stamp} by `fastcifar analyze`.", ""]
 
     rows = config_rows(cfg, a.loaded.model)
+    timing = a.loaded.run.timing()
+    if cfg.train.budget_plan is not None and timing:  # train.budget: its plan beside what the epochs took
+        plan = cfg.train.budget_plan
+        corrected = f", {cfg.train.epochs} after epoch {plan.corrected_at_epoch}" if plan.corrected_at_epoch else ""
+        rows.append(("time budget", f"{plan.seconds:g} s, {plan.epochs} epochs planned (at most {plan.max_epochs})"
+                                    f"{corrected}: {budget_use(plan, timing)}"))
     lines += ["## Config", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 
     lines += ["## Final metrics", ""]

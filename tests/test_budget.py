@@ -99,3 +99,87 @@ def test_budget_errors_are_one_line(learnable_betons):
     for bad in ("10x", "0s", "-5m"):
         with pytest.raises(UserError, match="train.budget"):
             build_config(tiny(learnable_betons, train__budget=bad))
+
+
+def _planned(learnable_betons, **plan):
+    """A linear-schedule config whose budget planned 5 epochs (at most 10) of 80 s training + 10 s evaluation."""
+    plan = {"seconds": 600.0, "max_epochs": 10, "epochs": 5, "train_seconds": 80.0, "eval_seconds": 10.0,
+            "last_extra_seconds": 20.0, "spent_seconds": 50.0, **plan}
+    return build_config(_linear(learnable_betons, train__epochs=5, train__budget_plan=plan))
+
+
+def _linear(learnable_betons, **over) -> dict:
+    """`tiny` on the linear schedule (down to 0 at the last step), which a corrected plan reshapes."""
+    return {**tiny(learnable_betons, **over), "scheduler": {"name": "linear"}}
+
+
+@pytest.mark.parametrize("elapsed, train_s, eval_s, expected", [
+    (100, 40, 10, 10),  # faster than planned: 1 + (600 - 100 - 20) // 50 = 10, the config's cap
+    (100, 30, 10, 10),  # ... and the cap holds
+    (150, 90, 10, 5),  # as planned: 1 + (600 - 150 - 20) // 100 = 5, the plan holds
+    (250, 200, 20, 2),  # slower, and evaluation twice the probe's: its TTA extra doubles: 1 + (600 - 250 - 40) // 220
+    (590, 200, 20, 2),  # the budget spent: one more epoch all the same (the evaluation just done had no TTA)
+])
+def test_the_first_epoch_corrects_the_plan(learnable_betons, elapsed, train_s, eval_s, expected):
+    cfg = _planned(learnable_betons)
+    fixed, line = train.budget.corrected(cfg, elapsed_s=elapsed, train_s=train_s, eval_s=eval_s)
+    assert fixed.train.epochs == expected and line.startswith(f"train.budget: epoch 1 took {train_s + eval_s:.1f} s")
+    if expected == 5:
+        assert fixed is cfg and "the plan of 5 epochs holds" in line
+    else:
+        plan = fixed.train.budget_plan
+        assert (plan.epochs, plan.corrected_at_epoch, plan.corrected_epoch_seconds) == (5, 1, train_s + eval_s)
+        assert f"{expected} epochs now, not 5" in line
+        assert build_config(fixed.to_dict()) == fixed  # config.yaml holds it
+
+
+def test_only_a_schedule_that_can_change_its_length_is_corrected(learnable_betons):
+    assert train.budget.correctable(_planned(learnable_betons))
+    assert not train.budget.correctable(_planned(learnable_betons, epochs=1))  # its schedule has run its course
+    assert not train.budget.correctable(_planned(learnable_betons, corrected_at_epoch=1))  # once only
+    onecycle = build_config({**_planned(learnable_betons).to_dict(), "scheduler": {"name": "onecycle"}})
+    assert not train.budget.correctable(onecycle)  # torch's OneCycleLR fixes its length when built
+
+
+def test_a_corrected_linear_schedule_continues_without_a_jump_and_ends_at_zero():
+    from train.optim.lr_functions import linear, replanned
+
+    planned = linear(60)
+    longer, shorter = replanned(planned, 20, 60, 100), replanned(planned, 20, 60, 40)
+    for fn in (longer, shorter):
+        assert [fn(s) for s in range(21)] == [planned(s) for s in range(21)]  # the first plan up to the switch
+    assert longer(100) == shorter(40) == 0.0
+    assert longer(60) == pytest.approx(planned(40)) and shorter(30) == pytest.approx(planned(40))  # half-way on
+    with pytest.raises(UserError):
+        replanned(planned, 60, 60, 100)  # switching at the planned end: nothing left to stretch
+
+
+@pytest.mark.slow
+def test_a_corrected_plan_trains_its_epochs_and_resume_at_the_switch_is_exact(learnable_betons, tmp_path,
+                                                                               monkeypatch):
+    # the probe says 25 s an epoch, so 3 fit in 100 s; the real epochs take about a second, so after the first
+    # the plan becomes the config's 5
+    monkeypatch.setattr(train.budget, "epoch_seconds", lambda parts: train.budget.EpochCost(20.0, 5.0))
+    cfg = build_config(_linear(learnable_betons, train__precision="fp32", train__epochs=5, train__budget="100s",
+                               data__subset=200, data__test_subset=100))
+    whole = RunDir(tmp_path / "whole")
+    history = fit(cfg, whole)
+    saved = whole.config()["train"]
+    assert len(history) == saved["epochs"] == 5
+    assert (saved["budget_plan"]["epochs"], saved["budget_plan"]["corrected_at_epoch"]) == (3, 1)
+    log = (whole.path / "train.log").read_text()
+    assert "train.budget 100s: 3 epochs" in log and "5 epochs now, not 3" in log
+    assert re.search(r"train\.budget: planned [\d.]+ s an epoch \(corrected after epoch 1; .*used \d+ s of 100 s", log)
+    # 2 steps an epoch: 6 planned, 10 after the switch at step 2; each epoch's first LR follows the first plan
+    # to the switch, then the rest of its fall, stretched: 1 - s/6 at s = 0, 2, then at 2 + (s - 2) / 2
+    assert [m["lr"] for m in history] == pytest.approx([0.05 * f for f in (1, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
+
+    monkeypatch.setattr(train.budget, "epoch_seconds", lambda parts: train.budget.EpochCost(20.0, 5.0))
+    stopped = RunDir(tmp_path / "stopped")
+    fit(cfg, stopped, stop_after=1)  # stops right after the correction
+    assert stopped.config()["train"]["epochs"] == 5
+    monkeypatch.setattr(train.budget, "epoch_seconds", _no_measuring)
+    monkeypatch.setattr(train.budget, "corrected", _no_measuring)
+    fit(build_config(stopped.config()), stopped, resume=True)
+    assert stopped.metrics() == history
+    assert fit(build_config(whole.config()), RunDir(tmp_path / "rerun")) == history

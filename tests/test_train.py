@@ -78,6 +78,38 @@ def test_sweep_fills_results_and_skips_complete_runs(learnable_betons, tmp_path)
     assert all(line.startswith("skip") for line in seen)
 
 
+def test_a_run_saved_before_a_config_key_existed_is_the_same_config(learnable_betons):
+    # a sweep must skip or resume the runs of earlier releases, not call them another config's: a key added
+    # since (here every one at its default, one at a time) takes its default
+    from train.sweep import _same_config
+
+    cfg = build_config(tiny(learnable_betons))
+    saved, defaults = cfg.to_dict(), build_config({}).to_dict()
+    for section, keys in saved.items():
+        for key in keys if isinstance(keys, dict) else ():
+            if keys[key] != defaults[section][key]:
+                continue
+            older = json.loads(json.dumps(saved))
+            del older[section][key]
+            assert _same_config(older, cfg), f"{section}.{key}"
+    changed = json.loads(json.dumps(saved))
+    changed["optimizer"]["lr"] = 0.2
+    assert not _same_config(changed, cfg)
+    assert not _same_config({"train": {"epochs": "many"}}, cfg)  # not a config at all
+
+
+def test_a_budgeted_run_is_the_same_config_as_its_budget(learnable_betons):
+    from train.sweep import _same_config
+
+    wanted = build_config(tiny(learnable_betons, train__epochs=8, train__budget="8m"))
+    saved = wanted.to_dict()
+    plan = {"seconds": 480.0, "max_epochs": 8, "epochs": 3, "train_seconds": 100.0, "eval_seconds": 5.0}
+    saved["train"].update(budget=None, epochs=4, budget_plan={**plan, "corrected_at_epoch": 1})
+    assert _same_config(saved, wanted)
+    saved["train"]["epochs"] = 9  # more than the config allows
+    assert not _same_config(saved, wanted)
+
+
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)

@@ -5,6 +5,12 @@ trains as many epochs as fit in what start-up left of the budget (`budget_epochs
 `loop.evaluate` runs it: over the test and the validation split, with the `eval:` section's test-time
 augmentation where the epoch uses it; with `eval.tta_last_only` the last evaluation's extra TTA cost is
 counted once (a flip-and-translate TTA makes that pass several times a plain one).
+
+The plan is corrected once, after the first epoch, where that epoch shows the estimate was wrong (`corrected`):
+the machine's speed drifts and a probe of a few steps is a sample. The schedule stays a pure function of the
+step: config.yaml records both plans and the epoch of the switch (train.budget_plan), and the linear schedule
+follows the first plan up to the switch, then the rest of its course over the new epochs (`replanned` in
+`optim.lr_functions`), so a resumed run rebuilds the same schedule.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ import torch
 from fastloader.loaders import cycle
 
 from . import checkpoint
+from .config import BudgetPlan
 from .optim import build_optimizer
+from .optim.schedules import REPLANNABLE
 from .step import Step, train_step
 from .tta import eval_logits
 
@@ -116,4 +124,52 @@ def resolve_budget(parts, started: float) -> tuple[object, str | None]:
     line = (f"train.budget {cfg.train.budget}: {epochs} epochs (at most {cfg.train.epochs}); one epoch measured at "
             f"{cost.train:.1f} s training + {cost.evaluation:.1f} s evaluation{last}, {spent:.1f} s spent before "
             f"training; planned {planned:.1f} s of training and evaluation")
-    return replace(cfg, train=replace(cfg.train, epochs=epochs, budget=None)), line
+    plan = BudgetPlan(seconds=budget, max_epochs=cfg.train.epochs, epochs=epochs, train_seconds=round(cost.train, 3),
+                      eval_seconds=round(cost.evaluation, 3), last_extra_seconds=round(cost.last_extra, 3),
+                      spent_seconds=round(spent, 3))
+    return replace(cfg, train=replace(cfg.train, epochs=epochs, budget=None, budget_plan=plan)), line
+
+
+def correctable(cfg) -> bool:
+    """Whether the run's budget plan may still be corrected after its first epoch: a plan of more than one
+    epoch (one epoch's schedule has run its course by then), not corrected yet, on a schedule that can change
+    its length mid-run."""
+    plan = cfg.train.budget_plan
+    return (plan is not None and plan.corrected_at_epoch is None and plan.epochs > 1
+            and cfg.scheduler.name in REPLANNABLE)
+
+
+def corrected(cfg, elapsed_s: float, train_s: float, eval_s: float, done: int = 1) -> tuple[object, str]:
+    """The plan after `done` epochs that took `train_s` + `eval_s` seconds each, `elapsed_s` after the run began:
+    (config with the epochs that fit what is left, the line for train.log). The last evaluation's extra cost is
+    the probe's, scaled as the measured evaluation is to the probe's. At least one more epoch (the evaluation
+    just done was not the last's), at most the config's epochs. The config is unchanged when the plan holds."""
+    plan = cfg.train.budget_plan
+    scale = eval_s / plan.eval_seconds if plan.eval_seconds > 0 else 1.0
+    last_extra = plan.last_extra_seconds * scale
+    epoch_s = train_s + eval_s
+    fit = done + int(max(0.0, plan.seconds - elapsed_s - last_extra) // epoch_s)
+    epochs = max(done + 1, min(plan.max_epochs, fit))
+    said = (f"train.budget: epoch {done} took {epoch_s:.1f} s ({train_s:.1f} s training + {eval_s:.1f} s "
+            f"evaluation), planned {plan.epoch_seconds():.1f} s; {elapsed_s:.1f} s of {plan.seconds:.0f} s spent")
+    if epochs == cfg.train.epochs:
+        return cfg, f"{said}: the plan of {epochs} epochs holds"
+    new_plan = replace(plan, corrected_at_epoch=done, corrected_epoch_seconds=round(epoch_s, 3))
+    line = (f"{said}: {epochs} epochs now, not {cfg.train.epochs} (at most {plan.max_epochs}); the LR schedule runs "
+            f"the rest of its course over epochs {done + 1}-{epochs}")
+    return replace(cfg, train=replace(cfg.train, epochs=epochs, budget_plan=new_plan)), line
+
+
+def budget_use(plan, timing: list[dict]) -> str:
+    """How a run kept its budget (train.log's last word on it, a row of the report): planned and actual seconds
+    per epoch, and the budget used (start-up before training, the probe included, plus every epoch's training
+    and evaluation, as timing.jsonl has them)."""
+    evaluations = [t["eval_seconds"] for t in (timing[:-1] or timing)]  # the last one's TTA apart
+    actual = sum(t["train_seconds"] for t in timing) / len(timing) + sum(evaluations) / len(evaluations)
+    used = plan.spent_seconds + sum(t["seconds"] for t in timing)
+    corrected = (f" (corrected after epoch {plan.corrected_at_epoch}; the probe's {plan.train_seconds + plan.eval_seconds:.1f} s)"
+                 if plan.corrected_at_epoch is not None else "")
+    return (f"planned {plan.epoch_seconds():.1f} s an epoch{corrected}, actual "
+            f"{actual:.1f} s on average ({100 * (actual / plan.epoch_seconds() - 1):+.0f}%, the last evaluation's TTA "
+            f"apart); used "
+            f"{used:.0f} s of {plan.seconds:.0f} s ({100 * used / plan.seconds:.0f}%)")

@@ -148,6 +148,38 @@ class SchedulerConfig:
 
 
 @dataclass
+class BudgetPlan:
+    """What `train.budget` became, written by the run into its config.yaml (train.budget_plan) beside the epochs
+    it fixed: never set by hand. A resumed run reads it to build the same schedule; the report shows it."""
+
+    seconds: float = 0.0  # the budget (every key has a default, as in every section; these are checked below)
+    max_epochs: int = 1  # the config's train.epochs: no plan goes past it
+    epochs: int = 1  # the epochs the budget probe planned
+    train_seconds: float = 0.0  # the probe's estimate of one epoch's training
+    eval_seconds: float = 0.0  # ... and of one epoch's evaluation
+    last_extra_seconds: float = 0.0  # ... and of what the last evaluation adds (eval.tta_last_only)
+    spent_seconds: float = 0.0  # start-up before training, the probe included
+    # the plan corrected once, after this many epochs (train.epochs is then the corrected number): the schedule
+    # follows the planned one up to there, then runs the rest of its course over the new number of epochs
+    corrected_at_epoch: Optional[int] = None
+    corrected_epoch_seconds: Optional[float] = None  # what that epoch took, training and evaluation
+
+    def __post_init__(self):
+        if self.seconds <= 0 or not 1 <= self.epochs <= self.max_epochs:
+            raise UserError(f"train.budget_plan: needs seconds > 0 and 1 <= epochs <= max_epochs, got "
+                            f"{self.seconds}, {self.epochs}, {self.max_epochs}")
+        if self.corrected_at_epoch is not None and not 1 <= self.corrected_at_epoch < self.epochs:
+            raise UserError(f"train.budget_plan.corrected_at_epoch must be in [1, {self.epochs}) (the planned "
+                            f"epochs), got {self.corrected_at_epoch}")
+
+    def epoch_seconds(self) -> float:
+        """Seconds of one epoch as planned now: the corrected plan's, or else the probe's."""
+        if self.corrected_epoch_seconds is not None:
+            return self.corrected_epoch_seconds
+        return self.train_seconds + self.eval_seconds
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 24
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -166,6 +198,7 @@ class TrainConfig:
     # epochs as fit (at most `epochs`); config.yaml then holds that number and budget null, so resume and reruns
     # need no timing
     budget: Union[str, float, None] = None
+    budget_plan: Optional[BudgetPlan] = None  # what a budget became (the run writes it; docs/training.md)
     select_best_on: Literal["test", "val"] = "test"  # the split whose accuracy picks checkpoint_best.pt
     ema_decay: Optional[float] = None  # evaluate (and checkpoint_best) an exponential moving average of the weights
     ema_every: int = 1  # optimizer steps between EMA updates
@@ -181,6 +214,13 @@ class TrainConfig:
 
     def __post_init__(self):
         self.budget_seconds()
+        if self.budget_plan is not None and self.budget is not None:
+            raise UserError("train.budget_plan is what a run's budget became (its config.yaml); a config with "
+                            "train.budget leaves it out")
+        if self.budget_plan is not None and self.budget_plan.corrected_at_epoch is not None \
+                and self.epochs <= self.budget_plan.corrected_at_epoch:
+            raise UserError(f"train.epochs ({self.epochs}) must exceed train.budget_plan.corrected_at_epoch "
+                            f"({self.budget_plan.corrected_at_epoch})")
         if self.checkpoint_every < 0:
             raise UserError(f"train.checkpoint_every must be 0 (epoch ends only) or a number of batches, "
                             f"got {self.checkpoint_every}")

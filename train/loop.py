@@ -33,7 +33,7 @@ from .metrics import Pass, Progress, metrics_line, monitored, timing_line
 from .record import Recorder
 from .run import RunDir
 from .parts import RunParts, build
-from .budget import resolve_budget
+from .budget import budget_use, correctable, corrected, resolve_budget
 from .state import Training, start_training
 from .step import train_step
 from .stop import StopRequest, check, handling
@@ -91,11 +91,13 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     else:
         rec.begin(training)
 
-    # 3. The epochs
-    epochs = parts.cfg.train.epochs
-    last_epoch = min(epochs, stop_after or epochs)
+    # 3. The epochs (train.budget may correct their number once, after the first)
+    def last_epoch() -> int:
+        return min(parts.cfg.train.epochs, stop_after or parts.cfg.train.epochs)
+
     with handling(quiet=not parts.world.main) as stop:  # fit installed it: the same request
-        for epoch in range(training.epoch, last_epoch):
+        epoch = training.epoch
+        while epoch < last_epoch():
             training.begin_epoch(epoch, parts.cfg)
             progress = train_epoch(parts, training, epoch, stop, saved,
                                    lambda so_far, running: rec.save_partial(training, epoch, so_far, running))
@@ -107,7 +109,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
             if not math.isfinite(train.loss):
                 raise Diverged(f"loss became {train.loss} in epoch {epoch + 1}; stopping "
                                f"(the last good checkpoint, if any, is kept)")
-            tta = not parts.cfg.eval.tta_last_only or epoch + 1 == epochs
+            tta = not parts.cfg.eval.tta_last_only or epoch + 1 == parts.cfg.train.epochs
             with training.evaluation() as model:  # the averaged weights with train.ema_decay
                 test = evaluate(parts, model, tta=tta)
                 val = evaluate(parts, model, parts.val_loader, tta=tta) if parts.val_loader is not None else None
@@ -116,15 +118,35 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
             used = parts.cfg.eval.tta if tta and parts.cfg.eval.tta != "none" else None
             training.history.append(metrics_line(epoch + 1, progress.lr, train, test, val, tta=used))
             training.timing.append(timing_line(epoch + 1, train=train, test=test, world=parts.world.size, val=val))
+            if epoch == 0 and not resume and correctable(parts.cfg):  # what the first epoch took corrects the plan
+                correct_plan(parts, training, rec, started)
             # train.select_best_on: the split whose accuracy picks the best checkpoint
             chosen = watched[f"{parts.cfg.train.select_best_on}_acc"]
             improved = chosen > training.best_acc
             training.best_acc = max(training.best_acc, chosen)
             rec.epoch_end(training, improved)
-            if epoch + 1 < last_epoch and distributed.any_rank(stop.requested, device):
+            if epoch + 1 < last_epoch() and distributed.any_rank(stop.requested, device):
                 raise rec.interrupted(training, epoch + 1, None)
+            epoch += 1
+    if parts.cfg.train.budget_plan is not None and epoch == parts.cfg.train.epochs:  # a budgeted run's last word
+        rec.log("train.budget: " + budget_use(parts.cfg.train.budget_plan, training.timing))
     rec.close()
     return training.history
+
+
+def correct_plan(parts: RunParts, training: Training, rec: Recorder, started: float) -> None:
+    """train.budget, after the first epoch: the epochs that fit what is left at the pace that epoch showed
+    (rank 0's numbers on every rank). A changed plan goes into config.yaml before the epoch's checkpoint, so a
+    resume builds the same schedule; the schedule continues from this step (`Training.follow`)."""
+    timing = training.timing[-1]
+    cfg, line = distributed.from_main(
+        corrected(parts.cfg, time.perf_counter() - started, timing["train_seconds"], timing["eval_seconds"]),
+        parts.device)
+    rec.log(line)
+    if cfg != parts.cfg:
+        parts.cfg = cfg
+        rec.rewrite_config()
+        training.follow(cfg, len(parts.train_loader))
 
 
 def resolve_at_start(parts: RunParts, started: float) -> None:

@@ -27,6 +27,11 @@ class Recorder:
         """Create the folder (after every check: a failed start leaves none behind) and TensorBoard."""
         distributed.on_main(lambda: self.run.create(self.parts.cfg.to_dict(), resume), self.parts.device)
 
+    def rewrite_config(self) -> None:
+        """config.yaml anew, after the run changed its config (train.budget's corrected plan)."""
+        if self.main:
+            self.run.write_config(self.parts.cfg.to_dict())
+
     def log(self, line: str, echo: bool = True) -> None:
         if self.main:
             self.run.log(line, echo)

@@ -49,7 +49,10 @@ class RunDir:
             raise UserError(f"cannot create run folder {self.path}: {e.strerror or e}") from e
         remove_leftovers(self.path)  # temporaries of a write that a crash cut short
         if not resume:
-            atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+            self.write_config(config)
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
     def config(self) -> dict:
         path = self.path / CONFIG
@@ -68,6 +71,12 @@ class RunDir:
 
     def metrics(self) -> list[dict]:
         path = self.path / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def timing(self) -> list[dict]:
+        path = self.path / TIMING
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -17,6 +17,7 @@ from beton.errors import UserError
 from . import checkpoint, distributed
 from .models import module_hooks
 from .optim import Schedule, build_optimizer, build_schedule
+from .optim.schedules import continued
 from .optim.averaging import EMA
 from .parts import RunParts
 from .step import Step
@@ -56,6 +57,13 @@ class Training:
             rewrapped = distributed.rewrap(wrapped, self.step.device)
             if rewrapped is not wrapped:
                 self.step.model = torch.compile(rewrapped) if cfg.train.compile else rewrapped
+
+    def follow(self, cfg, steps_per_epoch: int) -> None:
+        """Continue under config `cfg`, whose train.budget_plan was corrected at this step (budget.corrected):
+        the schedule runs the rest of its course over the new number of epochs."""
+        self.schedule = continued(self.schedule, cfg.scheduler, cfg.train.epochs, steps_per_epoch,
+                                  cfg.optimizer.lr, cfg.train.budget_plan)
+        self.step.schedule = self.schedule
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[torch.nn.Module]:
@@ -105,7 +113,8 @@ def start_training(parts: RunParts) -> Training:
     cfg = parts.cfg
     optimizer = build_optimizer(parts.model, cfg.optimizer)
     schedule = build_schedule(optimizer, cfg.scheduler, epochs=cfg.train.epochs,
-                              steps_per_epoch=len(parts.train_loader), base_lr=cfg.optimizer.lr)
+                              steps_per_epoch=len(parts.train_loader), base_lr=cfg.optimizer.lr,
+                              plan=cfg.train.budget_plan)
     wrapped = distributed.wrap(parts.model, parts.device)
     train_model = torch.compile(wrapped) if cfg.train.compile else wrapped
     if not parts.world.active:

@@ -70,15 +70,20 @@ RESOLVED_AT_START = (("scheduler", "max_lr", "find"), ("scheduler", "start_lr", 
 
 
 def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
-    """Equal configs, where a saved run may hold what `find`, `auto` and `budget` resolved to."""
+    """Equal configs, where a saved run may hold what `find`, `auto` and `budget` resolved to. The saved one is
+    read as a config first, so a key added since it was written (its default) does not make it another."""
+    try:
+        saved = build_config(saved).to_dict()
+    except UserError:
+        return False
     wanted = cfg.to_dict()
     for section, key, value in RESOLVED_AT_START:
         if wanted[section][key] == value:
             wanted[section][key] = saved.get(section, {}).get(key)
-    if wanted["train"]["budget"] is not None:  # a budget became a number of epochs (at most the config's)
-        epochs = saved.get("train", {}).get("epochs")
+    if wanted["train"]["budget"] is not None:  # a budget became a number of epochs (at most the config's) and its plan
+        epochs, plan = saved.get("train", {}).get("epochs"), saved.get("train", {}).get("budget_plan")
         if isinstance(epochs, int) and epochs <= wanted["train"]["epochs"]:
-            wanted["train"].update(budget=None, epochs=epochs)
+            wanted["train"].update(budget=None, epochs=epochs, budget_plan=plan)
     return saved == wanted
 
 

@@ -40,3 +40,21 @@ def linear(total: int, warmup: int = 0, end: float = 0.0):
     A functools.partial, not a lambda: LambdaLR's state_dict then stays plain data."""
     linear_decay(0, total, warmup, end)  # check the arguments now, not at the first step
     return functools.partial(linear_decay, total=total, warmup=warmup, end=end)
+
+
+def replanned_multiplier(step: int, fn, switch: int, planned: int, total: int) -> float:
+    """`fn`, a multiplier for a run of `planned` steps, in a run whose plan changed at step `switch` to `total`
+    steps: the same up to `switch`, then the rest of fn's course (switch to planned) stretched or squeezed over
+    switch to total, so the LR neither jumps nor ends early (train.budget's one correction; fn takes a
+    fractional step)."""
+    if step <= switch:
+        return fn(step)
+    return fn(switch + (step - switch) * (planned - switch) / (total - switch))
+
+
+def replanned(fn, switch: int, planned: int, total: int):
+    """`replanned_multiplier` with its shape fixed, for LambdaLR (a partial: its state stays plain data)."""
+    if not 0 < switch < min(planned, total):
+        raise UserError(f"a plan changes between its first and last step: got switch {switch} of {planned} "
+                        f"planned and {total} now")
+    return functools.partial(replanned_multiplier, fn=fn, switch=switch, planned=planned, total=total)

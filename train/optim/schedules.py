@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from beton.errors import UserError
 
-from ..config import SchedulerConfig
-from .lr_functions import linear
+from ..config import BudgetPlan, SchedulerConfig
+from .lr_functions import linear, replanned
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,8 @@ class Schedule:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+              plan: BudgetPlan | None = None) -> Schedule:
     """One cycle, stepped per batch: from max_lr/div_factor up to max_lr, then down to
     initial_lr/final_div_factor.
 
@@ -109,7 +110,8 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     return Schedule(optimizer, scheduler, per_batch=True)
 
 
-def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+          plan: BudgetPlan | None = None) -> Schedule:
     """LR times gamma every step_size epochs."""
     from torch.optim import lr_scheduler
 
@@ -117,7 +119,8 @@ def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, ba
                     per_batch=False)
 
 
-def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+             plan: BudgetPlan | None = None) -> Schedule:
     """LR times factor once `monitor` has not improved (by `threshold`, relative) for more than `patience` epochs."""
     from torch.optim import lr_scheduler
 
@@ -126,7 +129,8 @@ def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int,
     return Schedule(optimizer, scheduler, per_batch=False, monitor=cfg.monitor)
 
 
-def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+            plan: BudgetPlan | None = None) -> Schedule:
     """Half a cosine from the optimizer's LR to eta_min over the whole run, per batch."""
     from torch.optim import lr_scheduler
 
@@ -134,14 +138,21 @@ def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
     return Schedule(optimizer, scheduler, per_batch=True)
 
 
-def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+            plan: BudgetPlan | None = None) -> Schedule:
     """Per batch: every group's LR warms up linearly over warmup_epochs, then falls linearly to end_factor x LR
-    at the last step (airbench's schedule is warmup 0, end 0)."""
+    at the last step (airbench's schedule is warmup 0, end 0).
+
+    With a `plan` corrected after k epochs (train.budget): the schedule of plan.epochs up to epoch k, then the
+    rest of its fall over `epochs` (`replanned`); role_epochs keep their own length, that of the first plan."""
     from torch.optim import lr_scheduler
 
-    total = epochs * steps_per_epoch
+    planned = plan.epochs if plan is not None and plan.corrected_at_epoch is not None else epochs
+    total = planned * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     everyone = linear(total, warmup, cfg.end_factor)
+    if planned != epochs:
+        everyone = replanned(everyone, plan.corrected_at_epoch * steps_per_epoch, total, epochs * steps_per_epoch)
     if not cfg.role_epochs:
         return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, everyone), per_batch=True)
     roles = {g.get("role") for g in optimizer.param_groups}
@@ -159,9 +170,15 @@ def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
                     per_batch=True)
 
 
-def _constant(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float) -> Schedule:
+def _constant(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+              plan: BudgetPlan | None = None) -> Schedule:
     return Schedule(optimizer, None, per_batch=False)
 
+
+# the schedules whose course a corrected plan can change mid-run (train.budget): linear continues its fall over the
+# new length; step, plateau and none do not depend on it. onecycle and cosine are torch schedulers whose length is
+# fixed when they are built, so their plan stays.
+REPLANNABLE = ("linear", "step", "plateau", "none")
 
 SCHEDULERS: dict[str, Callable[..., Schedule]] = {
     "onecycle": _onecycle,
@@ -174,15 +191,33 @@ SCHEDULERS: dict[str, Callable[..., Schedule]] = {
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int,
-                   base_lr: float) -> Schedule:
+                   base_lr: float, plan: BudgetPlan | None = None) -> Schedule:
     """The configured schedule over `epochs` x `steps_per_epoch` optimizer steps.
 
     `base_lr` is the peak for onecycle without scheduler.max_lr; the other schedules start
-    from the LR the optimizer was built with.
+    from the LR the optimizer was built with. `plan`: train.budget_plan, where a corrected plan changes the
+    course of a linear schedule (REPLANNABLE).
     """
     if cfg.name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {cfg.name!r}; known: {', '.join(SCHEDULERS)}")
     if epochs < 1 or steps_per_epoch < 1:
         raise UserError(f"a schedule needs at least one epoch and one batch per epoch "
                         f"(got {epochs} epochs of {steps_per_epoch} batches)")
-    return SCHEDULERS[cfg.name](optimizer, cfg, epochs, steps_per_epoch, base_lr)
+    if plan is not None and plan.corrected_at_epoch is not None and cfg.name not in REPLANNABLE:
+        raise UserError(f"train.budget_plan: a {cfg.name} schedule's length cannot change mid-run")
+    return SCHEDULERS[cfg.name](optimizer, cfg, epochs, steps_per_epoch, base_lr, plan)
+
+
+def continued(schedule: Schedule, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+              plan: BudgetPlan) -> Schedule:
+    """`schedule` rebuilt for a corrected `plan`, at the step it has reached: its state (the step) carries over
+    and the optimizer's LRs stay as they are (building a LambdaLR sets them to step 0's), which equal the new
+    schedule's there (`replanned`)."""
+    optimizer = schedule.optimizer
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    state = schedule.state_dict()
+    rebuilt = build_schedule(optimizer, cfg, epochs, steps_per_epoch, base_lr, plan)
+    rebuilt.load_state_dict(state)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    return rebuilt
