@@ -78,10 +78,11 @@ def _parts(eval_cfg, val_batches: int = 0):
 
 def test_evaluation_is_timed_as_the_loop_runs_it_tta_and_validation_split_included():
     model = _SlowModel()
-    plain = train.budget.evaluation_seconds(_parts(EvalConfig()), model, None)
-    with_val = train.budget.evaluation_seconds(_parts(EvalConfig(), val_batches=6), model, None)
+    plain = train.budget.evaluation_seconds(_parts(EvalConfig()), model, None, batches=4)
+    with_val = train.budget.evaluation_seconds(_parts(EvalConfig(), val_batches=6), model, None, batches=4)
     tta = EvalConfig(tta="flip_translate")
-    with_tta = train.budget.evaluation_seconds(_parts(tta), model, tta)
+    with_tta = train.budget.evaluation_seconds(_parts(tta), model, tta, batches=4)
+    assert train.budget.evaluation_seconds(_parts(tta), model, tta, batches=4, warm_up=False) > 2.5 * plain
     assert 1.6 < with_val / plain < 2.5  # twice the batches
     assert with_tta > 2.5 * plain  # flip and translate: several passes a batch
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastcifar_cli import main
+from train import hardware
 from train.config import build_config
 from train.loop import Diverged, fit
 from train.run import RunDir
@@ -75,7 +76,9 @@ def test_sweep_fills_results_and_skips_complete_runs(learnable_betons, tmp_path)
     assert "Training Accuracy" in table and "tiny_layer.yaml" in table
     seen = []
     sweep([configs], [], tmp_path / "runs", log=seen.append)
-    assert all(line.startswith("skip") for line in seen)
+    assert [line.split()[0] for line in seen] == ["skip", "skip", "results:", "#", "sweep"]
+    assert seen[-1].startswith(f"sweep done: tiny_batch {json.loads((tmp_path / 'runs/tiny_batch/summary.json').read_text())['test_acc']:.2f}%, tiny_layer ")
+    assert " min " in seen[-1] and seen[-1].endswith(f" on {hardware.machine()}") and " cores" in seen[-1]
 
 
 def test_a_run_saved_before_a_config_key_existed_is_the_same_config(learnable_betons):

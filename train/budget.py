@@ -30,7 +30,9 @@ from .optim.schedules import REPLANNABLE
 from .step import Step, train_step
 from .tta import eval_logits
 
-BUDGET_WARMUP, BUDGET_STEPS, BUDGET_EVAL_BATCHES = 2, 6, 4
+# a sample, not a measurement: the plan is corrected after the first epoch (`corrected`), so the probe stays short
+# (every second of it comes out of the budget): 2 untimed steps, 3 timed, one timed evaluation batch of each kind
+BUDGET_WARMUP, BUDGET_STEPS, BUDGET_EVAL_BATCHES = 2, 3, 1
 
 
 class EpochCost(NamedTuple):
@@ -69,28 +71,31 @@ def epoch_seconds(parts, steps: int = BUDGET_STEPS, eval_batches: int = BUDGET_E
     train_s, eval_cfg = per_step * len(parts.train_loader), parts.cfg.eval
     if eval_cfg.tta == "none":
         return EpochCost(train_s, evaluation_seconds(parts, model, None, eval_batches))
-    with_tta = evaluation_seconds(parts, model, eval_cfg, eval_batches)
     if not eval_cfg.tta_last_only:  # every epoch evaluates with TTA: no plain pass to time
-        return EpochCost(train_s, with_tta)
+        return EpochCost(train_s, evaluation_seconds(parts, model, eval_cfg, eval_batches))
     plain = evaluation_seconds(parts, model, None, eval_batches)
+    with_tta = evaluation_seconds(parts, model, eval_cfg, eval_batches, warm_up=False)  # the plain pass warmed up
     return EpochCost(train_s, plain, max(0.0, with_tta - plain))
 
 
-def evaluation_seconds(parts, model: torch.nn.Module, eval_cfg, batches: int = BUDGET_EVAL_BATCHES) -> float:
+def evaluation_seconds(parts, model: torch.nn.Module, eval_cfg, batches: int = BUDGET_EVAL_BATCHES,
+                       warm_up: bool = True) -> float:
     """Seconds of one evaluation over the test split and the validation split, as `loop.evaluate` computes it
     (`eval_cfg`: the `eval:` section whose TTA it uses; None: a plain forward), timed over a few test batches
-    after one that warms up (a whole pass would be the cost itself)."""
-    timed, begin = 0, time.perf_counter()
+    (a whole pass would be the cost itself), after one that warms up unless `warm_up` is False (a pass just
+    timed warmed the loader and the model)."""
+    untimed = 1 if warm_up else 0
+    done, begin = 0, time.perf_counter()
     with torch.no_grad():
         for images, _ in parts.test_loader:
             with parts.precision.autocast(parts.device):
                 eval_logits(model, images, eval_cfg).float().sum().item()
-            timed += 1
-            if timed == 1:  # the first one warms up
+            done += 1
+            if done == untimed:
                 begin = time.perf_counter()
-            elif timed == batches + 1:
+            elif done == batches + untimed:
                 break
-    per_batch = (time.perf_counter() - begin) / max(timed - 1, 1)
+    per_batch = (time.perf_counter() - begin) / max(done - untimed, 1)
     val_batches = len(parts.val_loader) if parts.val_loader is not None else 0
     return per_batch * (len(parts.test_loader) + val_batches)
 

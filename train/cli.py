@@ -116,17 +116,14 @@ def sweep_command(
     from .sweep import sweep
 
     main = distributed.launched().main  # under torchrun, rank 0 alone prints and writes
-    try:
-        results = sweep(list(configs), _overrides(sets, epochs, subset), out,
-                        log=typer.echo if main else lambda m: None,
-                        after_run=_after_run_of(ctx, not no_analyze) or (lambda path: None),
-                        after_results=(None if no_analyze else (ctx.obj or {}).get(AFTER_RESULTS))
-                        or (lambda out, runs: None))
+    try:  # it prints results.md, then its last line: each run's accuracy, the minutes, the machine
+        sweep(list(configs), _overrides(sets, epochs, subset), out,
+              log=typer.echo if main else lambda m: None,
+              after_run=_after_run_of(ctx, not no_analyze) or (lambda path: None),
+              after_results=(None if no_analyze else (ctx.obj or {}).get(AFTER_RESULTS))
+              or (lambda out, runs: None))
     except Interrupted as e:  # the same sweep continues: complete runs skipped, a partial one resumed, analyses redone
         raise Interrupted(e.where) from None
-    if main:
-        typer.echo(f"results: {results}")
-        typer.echo(results.read_text())
 
 
 def bench_train_command(
@@ -154,7 +151,7 @@ def bench_train_command(
     if as_json:
         typer.echo(json.dumps(r))
         return
-    from .precision import cpu_model
+    from .hardware import cpu_model
 
     typer.echo(f"{r['model']}, batch {r['batch_size']}, {r['device']} ({cpu_model()}), {r['threads']} threads; "
                f"precision auto -> {r['auto']}, this config runs {r['precision']}")
@@ -195,7 +192,7 @@ def bench_speedrun_command(
     if as_json:
         typer.echo(json.dumps(r))
         return
-    from .precision import cpu_model
+    from .hardware import cpu_model
 
     typer.echo(f"{cfg.name}: {runs} runs on {cpu_model()}: test accuracy {r['mean_accuracy']:.2f}% "
                f"(sd {r['std_accuracy']:.2f}; {', '.join(f'{a:.2f}' for a in r['accuracies'])}), "

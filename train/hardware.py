@@ -9,12 +9,41 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from beton.errors import UserError
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first value of `key` in /proc/cpuinfo (None where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == key:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (from /proc/cpuinfo), else what platform knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """This machine in a few words, as every figure names it: the CPU model, its cores, whether it has AMX-BF16
+    (which decides bf16's speed on Intel Xeons of one model name), and the GPU where torch sees one."""
+    words = [cpu_model(), f"{os.cpu_count()} cores"]
+    if "amx_bf16" in (_cpuinfo("flags") or "").split():
+        words.append("AMX-BF16")
+    if torch.cuda.is_available():
+        words.append(torch.cuda.get_device_name())
+    return ", ".join(words)
 
 
 def resolve_device(name: str) -> torch.device:

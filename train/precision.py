@@ -2,7 +2,7 @@
 
 On the CPU, bf16 autocast was 2.7x faster than fp32 on one 2-core machine (AMD Zen 4) and slower
 on another (Intel Xeon, AVX-512 with bf16 but no AMX), so `auto` times a few steps of the run's own
-model and batch in fp32 and in bf16 (channels_last both) and takes the faster. The figures are
+model and batch (at most PROBE_BATCH) in fp32 and in bf16 (channels_last both) and takes the faster. The figures are
 cached per machine (CPU model, cores, torch version, model, batch) in `$FASTCIFAR_CACHE` (default
 ~/.cache/fastcifar), so the measurement is paid once. On CUDA, auto is `hardware.cuda_precision`.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -20,10 +19,14 @@ import torch
 from beton.atomic import atomic_write_text
 from fastloader.threads import cpu_cores, own_torch_threads
 
-from .hardware import Precision, cuda_precision, resolve_precision, reusing_freed_memory
+from .hardware import Precision, cpu_model, cuda_precision, resolve_precision, reusing_freed_memory
 from .step import Step, train_step
 
 PROBE_STEPS = 3  # timed steps per precision (after one warm-up step)
+# the probe's batch, at most: which precision is faster shows at 256 as at the run's batch, and a large batch in fp32
+# is what makes a first run's start-up long (speed94 at batch 2000 on a 2-core Xeon with AMX: 36.7 s of probe, the
+# bf16/fp32 ratio 2.3x; at 256: 9 s, 3.0x)
+PROBE_BATCH = 256
 CACHE_FILE = "precision.json"
 
 
@@ -60,22 +63,11 @@ def rate(model: torch.nn.Module, optimizer_cfg, precision: Precision, device: to
     return step_rate(step, images, labels, steps)
 
 
-def cpu_model() -> str:
-    """lscpu's "Model name" (from /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cache_key(cfg, device: torch.device) -> str:
     """What the measurement depends on; freed-memory reuse changes fp32 and bf16 by different factors."""
     m = cfg.model
     return (f"{cpu_model()}|{cpu_cores()} threads|torch {torch.__version__}|{device.type}|{m.name}|{m.norm}|"
-            f"{json.dumps(m.strides)}|{json.dumps(m.options, sort_keys=True)}|batch {cfg.data.batch_size}"
+            f"{json.dumps(m.strides)}|{json.dumps(m.options, sort_keys=True)}|batch {probe_batch(cfg)}"
             f"{'|reused memory' if reusing_freed_memory() else ''}")
 
 
@@ -104,9 +96,14 @@ def _write_cache(key: str, rates: dict) -> None:
 
 def measure_precisions(cfg, model: torch.nn.Module, device: torch.device, classes: int,
                        steps: int = PROBE_STEPS) -> dict[str, float]:
-    """Images/s of fp32 and bf16 autocast, channels_last both, for the run's model and batch."""
+    """Images/s of fp32 and bf16 autocast, channels_last both, for the run's model at its batch (at most
+    PROBE_BATCH)."""
     return {name: rate(model, cfg.optimizer, precision=resolve_precision(name, device), device=device,
-                       batch=cfg.data.batch_size, classes=classes, steps=steps) for name in ("fp32", "bf16")}
+                       batch=probe_batch(cfg), classes=classes, steps=steps) for name in ("fp32", "bf16")}
+
+
+def probe_batch(cfg) -> int:
+    return min(cfg.data.batch_size, PROBE_BATCH)
 
 
 def chosen_precision(device: torch.device, rates: dict[str, float] | None = None) -> str:
@@ -132,4 +129,4 @@ def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: i
         source = f"measured over {PROBE_STEPS} steps each"
     name = chosen_precision(device, rates)
     return name, (f"precision auto -> {name}: fp32 {rates['fp32']:,.1f} vs bf16 {rates['bf16']:,.1f} images/s "
-                  f"({cfg.model.name}, batch {cfg.data.batch_size}, channels_last; {source} on {cpu_model()})")
+                  f"({cfg.model.name}, batch {probe_batch(cfg)}, channels_last; {source} on {cpu_model()})")

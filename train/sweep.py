@@ -10,12 +10,13 @@ runs (docs/guarantees.md, "Stopping and continuing").
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from beton.atomic import atomic_write_text
 from beton.errors import Interrupted, UserError
 
-from . import distributed, stop
+from . import distributed, hardware, stop
 from .config import ExperimentConfig, build_config, load_config
 from .loop import fit
 from .run import RunDir
@@ -122,6 +123,7 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_r
         raise UserError(f"configs share a name ({', '.join(dupes)}); each run needs its own folder")
     results = out / RESULTS
     rows: list[dict] = []
+    began, finished = time.perf_counter(), []
     with stop.handling(quiet=not distributed.launched().main) as request, request.deferred():
         for done, (file, cfg) in enumerate(configs, 1):
             run = RunDir(out / cfg.name)
@@ -132,7 +134,8 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_r
                 except Interrupted as e:  # the analysis was stopped (on rank 0): the run itself is complete
                     stopped = e
             if distributed.current().main:  # under torchrun, rank 0 alone writes
-                rows.append(_row(run.summary(), file.resolve(), out.resolve(), run))
+                finished.append(run.summary())
+                rows.append(_row(finished[-1], file.resolve(), out.resolve(), run))
                 write_results(rows, results)
                 try:  # ends at once on a stop request, as the analysis does: the next sweep draws it again
                     request.abandonable(after_results, out, [out / c.name for _, c in configs[:done]],
@@ -143,4 +146,17 @@ def sweep(paths: list[Path], overrides: list[str], out: Path, log=print, after_r
             if request.agreed() and (stopped or done < len(configs)):  # every rank, after every run
                 raise stopped or Interrupted(f"{done} of {len(configs)} runs complete (the last in {run.path}), "
                                              f"listed in {results}")
+    if distributed.current().main:
+        log(f"results: {results}")
+        log(results.read_text())
+        log(done_line(finished, time.perf_counter() - began))
     return results
+
+
+def done_line(summaries: list[dict], seconds: float) -> str:
+    """A sweep's last line: each run's final test accuracy, the sweep's wall time and the machine (`make run`'s
+    answer, in one line)."""
+    accuracies = ", ".join(f"{s['name']} {s['test_acc']:.2f}%" for s in summaries)
+    minutes, rest = divmod(round(seconds), 60)
+    return (f"sweep done: {accuracies} final test accuracy; {minutes} min {rest} s (this command: training, evaluation "
+            f"and analysis) on {hardware.machine()}")
