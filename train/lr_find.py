@@ -53,8 +53,6 @@ from .parts import RunParts, build
 from .step import Step, train_step
 from .stop import requested as stop_requested
 
-SUGGESTIONS = LR_SUGGESTIONS
-
 
 # ---------------------------------------------------------------- the test
 
@@ -182,7 +180,7 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
     minimum = float(lr[int(np.argmin(loss))])
     clip = lambda v: float(min(max(v, lo), hi))  # noqa: E731
     found = {"steepest": clip(steepest), "valley": clip(valley), "minimum": clip(minimum), "min/10": clip(minimum / 10)}
-    return {name: found[name] for name in SUGGESTIONS}
+    return {name: found[name] for name in LR_SUGGESTIONS}
 
 
 def lr_find(cfg: ExperimentConfig, start: float = 1e-7, end: float = 10.0, iters: int = 100,
