@@ -70,13 +70,14 @@ class RunDir:
         atomic_write_text(self.path / TIMING, "".join(json.dumps(t) + "\n" for t in timing))
 
     def metrics(self) -> list[dict]:
-        path = self.path / METRICS
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return self._lines(METRICS)
 
     def timing(self) -> list[dict]:
-        path = self.path / TIMING
+        return self._lines(TIMING)
+
+    def _lines(self, name: str) -> list[dict]:
+        """A JSON-lines file of the run (none yet: empty)."""
+        path = self.path / name
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
