@@ -19,7 +19,8 @@ from analysis.cli import analyze_command, compare_command
 from beton.cli import app as beton_app
 from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
-from train.cli import AFTER_RESULTS, AFTER_RUN, bench_speedrun_command, bench_train_command, lr_find_command, models_command, sweep_command, train_command
+from train.cli import (AFTER_RESULTS, AFTER_RUN, bench_loop_command, bench_machine_command, bench_speedrun_command,
+                       bench_train_command, lr_find_command, models_command, sweep_command, train_command)
 from train.stop import StopRequest
 
 app = typer.Typer(
@@ -35,6 +36,8 @@ bench_app = typer.Typer(help="Benchmarks that print numbers (images/s).", no_arg
 bench_app.command("loader")(bench_loader)
 bench_app.command("train")(bench_train_command)
 bench_app.command("speedrun")(bench_speedrun_command)
+bench_app.command("loop")(bench_loop_command)
+bench_app.command("machine")(bench_machine_command)
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)

@@ -81,15 +81,15 @@ def replay_lr(cfg: ExperimentConfig, metrics: list[dict], steps: int | None,
             groups = optimizer.param_groups if cfg.optimizer.name == "roles" else optimizer.param_groups[:1]
             labels = [g["role"] if cfg.optimizer.name == "roles" else "lr" for g in groups]
             lrs: list[list[float]] = [[] for _ in groups]
-            for m in metrics:
+            for epoch, m in enumerate(metrics):
                 if not math.isclose(schedule.lr, float(m["lr"]), rel_tol=1e-6, abs_tol=1e-12):
                     return None
-                for _ in range(steps):
+                for _ in range(cfg.train.epoch_batches(epoch, steps)):  # a fractional last epoch: its part
                     for trace, group in zip(lrs, groups):
                         trace.append(float(group["lr"]))
                     schedule.after_batch()
                 schedule.after_epoch({k: float(v) for k, v in m.items() if k.endswith(("_loss", "_acc"))})
     except Exception:  # a config this replay cannot rebuild (a model that cannot be built on the meta device)
         return None
-    x = np.arange(len(metrics) * steps) / steps
+    x = np.arange(len(lrs[0])) / steps
     return LRTrace(x, {label: np.asarray(trace) for label, trace in zip(labels, lrs)}, steps)

@@ -256,3 +256,19 @@ def test_every_fastcifar_command_in_the_pages_uses_real_subcommands_and_flags():
                 if flag.startswith("--") and flag not in known and flag != "--":
                     bad.append(f"{page.relative_to(ROOT)}: fastcifar {' '.join(path)} has no {flag}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_yaml_block_in_the_pages_is_a_valid_config():
+    """A config a page shows (the reference's, the speed recipe's options, a recipe to paste) validates as one:
+    a renamed or removed key, or a wrong type, fails here before it fails a reader."""
+    import yaml
+
+    from train.config import build_config
+    from train.models import create_model
+
+    blocks = [(page.name, block) for page in pages()
+              for block in re.findall(r"^```yaml\n(.*?)^```", page.read_text(), flags=re.S | re.M)]
+    assert len(blocks) >= 3
+    for name, block in blocks:
+        cfg = build_config(yaml.safe_load(block))  # raises UserError naming the key
+        create_model(cfg.model, num_classes=10)  # the model's own options (airnet's activation, ...) are its to check

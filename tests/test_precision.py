@@ -14,7 +14,7 @@ from train.loop import fit
 from train.parts import build
 from train.run import RunDir
 
-from .test_train import json_of, tiny
+from .test_train import json_of, run_cli, tiny
 
 
 def _no_measuring(*args, **kwargs):
@@ -65,6 +65,53 @@ def test_bench_train_json_reports_both_precisions_and_what_auto_picks(learnable_
     assert r["precision"] == "fp32" and r["channels_last_autocast"] == r["fp32_channels_last"]
     assert 0 < r["loop_efficiency"]
     assert r["reuse_memory"] is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+def test_bench_train_takes_the_configs_batch_and_loop_only_skips_the_precisions(learnable_betons, tmp_path, capsys):
+    """Without --batch-size, bench train times the config's own batch (it once timed 128 whatever the config
+    said); --loop-only measures the loop and the loader alone, in alternating rounds."""
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(learnable_betons, data__batch_size=40)))
+    r = json_of(["bench", "train", "--config", str(config), "--steps", "2", "--rounds", "2", "--loop-only", "--json"],
+                capsys)
+    assert r["batch_size"] == 40 and r["rounds"] == 2
+    assert "fp32_nchw" not in r and "auto" not in r
+    low, high = r["loop_efficiency_range"]
+    assert 0 < low <= r["loop_efficiency"] <= high
+    assert r["loader_cpu_ms_per_image"] > 0 and r["step_cpu_ms_per_image"] > 0
+    assert r["loader_cpu_share"] == pytest.approx(
+        r["loader_cpu_ms_per_image"] / (r["loader_cpu_ms_per_image"] + r["step_cpu_ms_per_image"]))
+
+
+def test_bench_loop_measures_every_config_of_a_folder_and_checks_them_all_first(learnable_betons, tmp_path, capsys):
+    import yaml
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name, batch in (("a", 50), ("b", 25)):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(tiny(learnable_betons, data__batch_size=batch)))
+    code, out = run_cli(["bench", "loop", str(folder), "--steps", "1", "--rounds", "1"], capsys)
+    assert code == 0, out.err
+    rows = [line for line in out.out.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == [f"`{folder / 'a.yaml'}`", f"`{folder / 'b.yaml'}`"]
+    assert [row.split("|")[3].strip() for row in rows] == ["50", "25"]
+    # a broken config anywhere in the list stops the command before anything is timed
+    (folder / "c.yaml").write_text(yaml.safe_dump(tiny(learnable_betons, optimizer__lr=-1)))
+    code, out = run_cli(["bench", "loop", str(folder), "--steps", "1"], capsys)
+    assert code == 2 and out.err.startswith("error: ") and len(out.err.strip().splitlines()) == 1
+    assert out.out == ""
+
+
+def test_bench_machine_reports_the_spread_of_its_windows(capsys):
+    r = json_of(["bench", "machine", "--seconds", "1", "--json"], capsys)
+    assert r["machine"]
+    for name in ("float32", "bfloat16"):
+        found = r[name]
+        assert found["gflops"] and min(found["gflops"]) > 0
+        assert found["min"] <= found["median"] <= found["max"]
+        assert found["max_over_min"] == pytest.approx(found["max"] / found["min"])
 
 
 def test_the_precision_cache_tells_reused_memory_apart(monkeypatch):

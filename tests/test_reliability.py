@@ -65,7 +65,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_ends_where_an_uninterrupted_run_does(
     monkeypatch.setattr(CifarLoader, "batches", batches)
     code, out = run_cli(["train", "--resume", str(run.path), "--no-analyze"], capsys)
     assert code == 0, out.err
-    assert "after epoch 2, batch 4" in (run.path / "train.log").read_text()
+    assert "after batch 4 of epoch 2" in (run.path / "train.log").read_text()
     assert_same_run(run, reference)
 
 
@@ -148,7 +148,7 @@ def test_checkpoint_every_n_batches_lets_a_crash_lose_less_and_resume_exactly(le
     assert saved == [(0, 3), (0, 6), (0, 9), (1, None), (1, None), (1, 3), (1, 6)]  # and epoch 1 ends: best, last
     monkeypatch.setattr(checkpoint, "save", save)
     fit(cfg, run, resume=True)
-    assert "after epoch 2, batch 6" in (run.path / "train.log").read_text()
+    assert "after batch 6 of epoch 2" in (run.path / "train.log").read_text()
     assert_same_run(run, reference)
 
 

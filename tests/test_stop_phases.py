@@ -76,7 +76,7 @@ PHASES = [
     ("set-up", "train.loop.build@1", "the LR range test stopped after 0 of 100 steps", "none", "train a ->"),
     ("LR range test", "train.lr_find.train_step@3", "the LR range test stopped after 2 of 100 steps", "none",
      "train a ->"),
-    ("training", "train.loop.train_step@2", "checkpoint saved after epoch 1, batch 2 in", "partial", "resume a in"),
+    ("training", "train.loop.train_step@2", "checkpoint saved after batch 2 of epoch 1 in", "partial", "resume a in"),
     ("last evaluation", "train.loop.evaluate@1", "is complete, its analysis is not (no report.md)", "complete",
      "skip a:"),
     ("analysis", "analysis.report.predict@1", "is complete, its analysis is not (no report.md)", "complete",

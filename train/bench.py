@@ -6,13 +6,19 @@ Every figure times `step.train_step`, the training loop's own step, on the confi
   the CPU, measured here rather than read from the cache); `channels_last_autocast` is the run's
   precision (the config's, `auto` resolved), kept for scripts that read it;
 - compiled (with --compile): the run's precision under `torch.compile`, compile time apart;
-- loop_real_loader vs loop_synthetic: `loop.train_epoch` itself over the real loader, and over one
-  batch already in memory served as many times; their ratio is the loop efficiency (1.0: data
-  loading costs nothing).
+- the loop (`loop_measures`, also `fastcifar bench loop` over many configs): `loop.train_epoch` itself over
+  the real loader, and over one batch already in memory served as many times, alternated `rounds` times;
+  the median of the paired ratios is the loop efficiency (1.0: data loading costs nothing). A shared
+  machine's speed can swing 2x from one second to the next (`fastcifar bench machine`), which no single
+  pair survives; so the loader is also timed alone, in CPU seconds per image (the cores' time it takes
+  from training, whatever their speed): `loader_cpu_share` = loader / (loader + training step).
+- `steadiness`: how much the machine's own speed swings (a fixed matmul, second after second).
 """
 from __future__ import annotations
 
 import copy
+import resource
+import statistics
 import time
 from dataclasses import replace
 from typing import Iterator
@@ -75,34 +81,110 @@ def loop_config(cfg: ExperimentConfig) -> ExperimentConfig:
                    train=replace(cfg.train, epochs=1, compile=False, budget=None))
 
 
-def run(cfg: ExperimentConfig, steps: int, compile: bool = False) -> dict:
+def run(cfg: ExperimentConfig, steps: int, compile: bool = False, loop_only: bool = False, rounds: int = 1) -> dict:
+    """`bench train`'s figures (keys in the module docstring); `loop_only` skips the precision table."""
     parts = build(loop_config(cfg))
     cfg = parts.cfg
     device, n, classes = parts.device, cfg.data.batch_size, len(parts.classes)
     results = {"model": cfg.model.name, "batch_size": n, "device": str(device), "threads": torch.get_num_threads(),
-               "reuse_memory": reusing_freed_memory()}
+               "reuse_memory": reusing_freed_memory(), "precision": parts.precision.name}
+    if not loop_only:
+        results.update(_precisions(parts, steps))
+    if compile:
+        results.update(_compiled(parts, steps))
+    results.update(loop_measures(parts, steps, rounds))
+    return results
+
+
+def _precisions(parts, steps: int) -> dict:
+    cfg, device = parts.cfg, parts.device
+    n, classes = cfg.data.batch_size, len(parts.classes)
+    results = {}
     for key, name, channels_last in (("fp32_nchw", "fp32", False), ("fp32_channels_last", "fp32", True),
                                      ("bf16_channels_last", "bf16", True)):
         results[key] = rate(parts.model, cfg.optimizer, precision=resolve_precision(name, device), device=device,
                             batch=n, classes=classes, steps=steps, channels_last=channels_last)
     results["auto"] = chosen_precision(device, {"fp32": results["fp32_channels_last"],
                                                 "bf16": results["bf16_channels_last"]})
-    results["precision"] = parts.precision.name
     results["channels_last_autocast"] = (results["fp32_channels_last"] if parts.precision.name == "fp32" else
                                          results["bf16_channels_last"] if parts.precision.name == "bf16" else
                                          rate(parts.model, cfg.optimizer, precision=parts.precision, device=device,
                                               batch=n, classes=classes, steps=steps))
-    if compile:
-        results.update(_compiled(parts, steps))
-
-    synthetic = _Repeat(tuple(x.clone() for x in next(iter(parts.train_loader))), steps)  # FFCV reuses buffers
-    for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(parts.train_loader, steps))):
-        timed = replace(parts, train_loader=loader)
-        training = start_training(timed)
-        progress = train_epoch(timed, training, 0)
-        results[key] = progress.count / progress.seconds
-    results["loop_efficiency"] = results["loop_real_loader"] / results["loop_synthetic"]
     return results
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time, every thread (the loader's and torch's) counted."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
+    """The training loop over the real loader against one in-memory batch, `rounds` alternating pairs of
+    `steps` batches each (medians), and the loader alone in CPU seconds per image (the module docstring)."""
+    synthetic = _Repeat(tuple(x.clone() for x in next(iter(parts.train_loader))), steps)  # FFCV reuses buffers
+    rates: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
+    step_cpu = []
+    for index in range(rounds):
+        for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(parts.train_loader, steps))):
+            timed = replace(parts, train_loader=loader)
+            training = start_training(timed)
+            cpu = _cpu_seconds()
+            progress = train_epoch(timed, training, 0)  # the one epoch of loop_config, each round
+            rates[key].append(progress.count / progress.seconds)
+            if key == "loop_synthetic":
+                step_cpu.append((_cpu_seconds() - cpu) / progress.count)
+    ratios = [real / memory for memory, real in zip(rates["loop_synthetic"], rates["loop_real_loader"])]
+    loader_cpu = loader_cpu_per_image(parts.train_loader, steps)
+    step = statistics.median(step_cpu)
+    return {"loop_synthetic": statistics.median(rates["loop_synthetic"]),
+            "loop_real_loader": statistics.median(rates["loop_real_loader"]),
+            "loop_efficiency": statistics.median(ratios), "loop_efficiency_range": [min(ratios), max(ratios)],
+            "rounds": rounds, "loader_cpu_ms_per_image": 1000 * loader_cpu,
+            "step_cpu_ms_per_image": 1000 * step, "loader_cpu_share": loader_cpu / (loader_cpu + step)}
+
+
+def loader_cpu_per_image(loader, batches: int) -> float:
+    """CPU seconds per image of the loader alone (its threads, the batch's finish on this one), over the first
+    `batches` of an epoch after one untimed batch (the epoch's start, paid once)."""
+    loader.set_epoch(0)
+    count, begin = 0, None
+    for index, (images, labels) in enumerate(loader):
+        if index == 0:
+            begin = _cpu_seconds()
+            continue
+        count += len(labels)
+        if index == batches:
+            break
+    if count == 0:  # a one-batch epoch: time that batch
+        loader.set_epoch(0)
+        begin = _cpu_seconds()
+        count = sum(len(labels) for _, labels in loader)
+    return (_cpu_seconds() - begin) / count
+
+
+def steadiness(seconds: float, window: float = 0.5) -> dict:
+    """The machine's own speed, window after window: GFLOP/s of a 1024 x 1024 matmul in fp32 and bf16 (what
+    the CPU's units do with no loader, no model and no Python in the way). On a quiet dedicated machine
+    every window reads alike; max/min says how far timings of anything else may swing here."""
+    size = 1024
+    found = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up (oneDNN/BLAS kernel selection)
+        found[str(dtype).removeprefix("torch.")] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name in found:
+            dtype = getattr(torch, name)
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            count, begin = 0, time.perf_counter()
+            while time.perf_counter() - begin < window:
+                a @ b
+                count += 1
+            found[name].append(count * 2 * size ** 3 / (time.perf_counter() - begin) / 1e9)
+    return {name: {"gflops": [round(x, 1) for x in values], "min": min(values), "median": statistics.median(values),
+                   "max": max(values), "max_over_min": max(values) / min(values)} for name, values in found.items()}
 
 
 def _compiled(parts, steps: int) -> dict:

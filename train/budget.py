@@ -15,6 +15,7 @@ follows the first plan up to the switch, then the rest of its course over the ne
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import replace
 from typing import NamedTuple
@@ -105,11 +106,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def budget_epochs(budget_s: float, spent_s: float, train_s: float, eval_s: float, max_epochs: int,
-                  last_extra_s: float = 0.0) -> int:
-    """Epochs whose training and evaluation, the last evaluation's extra cost included, fit in what is left of
-    the budget (at least 1, at most max_epochs)."""
-    return int(max(1, min(max_epochs, (budget_s - spent_s - last_extra_s) // (train_s + eval_s))))
+def budget_epochs(budget_s: float, spent_s: float, train_s: float, eval_s: float, max_epochs: float,
+                  last_extra_s: float = 0.0) -> float:
+    """Whole epochs whose training and evaluation, the last evaluation's extra cost included, fit in what is
+    left of the budget (at least 1), or all of max_epochs (a fraction included) where they fit."""
+    fit = int(max(0.0, budget_s - spent_s - last_extra_s) // (train_s + eval_s))
+    return min(max_epochs, max(1, fit))
+
+
+def planned_seconds(epochs: float, train_s: float, eval_s: float, last_extra_s: float = 0.0) -> float:
+    """Training and evaluation of `epochs` epochs: a fractional last epoch trains its part, evaluates whole."""
+    return epochs * train_s + math.ceil(epochs) * eval_s + last_extra_s
 
 
 def resolve_budget(parts, started: float) -> tuple[object, str | None]:
@@ -125,7 +132,7 @@ def resolve_budget(parts, started: float) -> tuple[object, str | None]:
     epochs = budget_epochs(budget, spent_s=spent, train_s=cost.train, eval_s=cost.evaluation,
                            max_epochs=cfg.train.epochs, last_extra_s=cost.last_extra)
     last = f" (+ {cost.last_extra:.1f} s for the last evaluation's TTA)" if cost.last_extra else ""
-    planned = epochs * (cost.train + cost.evaluation) + cost.last_extra
+    planned = planned_seconds(epochs, cost.train, cost.evaluation, cost.last_extra)
     line = (f"train.budget {cfg.train.budget}: {epochs} epochs (at most {cfg.train.epochs}); one epoch measured at "
             f"{cost.train:.1f} s training + {cost.evaluation:.1f} s evaluation{last}, {spent:.1f} s spent before "
             f"training; planned {planned:.1f} s of training and evaluation")
@@ -154,7 +161,7 @@ def corrected(cfg, elapsed_s: float, train_s: float, eval_s: float, done: int = 
     last_extra = plan.last_extra_seconds * scale
     epoch_s = train_s + eval_s
     fit = done + int(max(0.0, plan.seconds - elapsed_s - last_extra) // epoch_s)
-    epochs = max(done + 1, min(plan.max_epochs, fit))
+    epochs = min(plan.max_epochs, max(done + 1, fit))  # a fraction only as all of max_epochs
     said = (f"train.budget: epoch {done} took {epoch_s:.1f} s ({train_s:.1f} s training + {eval_s:.1f} s "
             f"evaluation), planned {plan.epoch_seconds():.1f} s; {elapsed_s:.1f} s of {plan.seconds:.0f} s spent")
     if epochs == cfg.train.epochs:

@@ -40,10 +40,17 @@ def _after_run_of(ctx: typer.Context, analyze: bool) -> AfterRun | None:
     return after_run
 
 
-def _overrides(sets: list[str], epochs: int | None, subset: int | None) -> list[str]:
+def _positive(value: float | None) -> float | None:
+    """--epochs: any positive number (a fraction trains part of the last epoch)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be positive, got {value:g}")
+    return value
+
+
+def _overrides(sets: list[str], epochs: float | None, subset: int | None) -> list[str]:
     extra = list(sets or [])
     if epochs is not None:
-        extra.append(f"train.epochs={epochs}")
+        extra.append(f"train.epochs={epochs:g}")
     if subset is not None:
         extra.append(f"data.subset={subset}")
     return extra
@@ -53,7 +60,8 @@ def train_command(
     ctx: typer.Context,
     config: Optional[Path] = typer.Argument(None, help="Experiment YAML (see configs/)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set optimizer.lr=0.1 (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", callback=_positive,
+                                            help="Override train.epochs (7.6: 7 epochs and 60% of an 8th)."),
     subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<config name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
@@ -102,7 +110,8 @@ def sweep_command(
     ctx: typer.Context,
     configs: List[Path] = typer.Argument(..., help="Config files and/or folders of *.yaml configs."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key in every config (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs in every config."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", callback=_positive,
+                                            help="Override train.epochs in every config."),
     subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on the first N training images."),
     out: Path = typer.Option(RUNS, "--out", help="Folder for the runs and results.md."),
     no_analyze: bool = typer.Option(False, "--no-analyze", help="Skip each run's analysis (report.md, linked from results.md) and compare.png."),
@@ -126,13 +135,20 @@ def sweep_command(
         raise Interrupted(e.where) from None
 
 
+BENCH_BATCH = 128  # `bench train --model M` without a config: kuangliu's and most seeds' batch
+
+
 def bench_train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML to take model, data and precision from."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (overrides the config's), e.g. resnet18."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Batch size for every measurement."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help=f"Batch size for every measurement (default: the config's; {BENCH_BATCH} "
+                                             "with --model alone)."),
     steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps per measurement."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Alternating pairs of loop measurements (medians)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
     compile: bool = typer.Option(False, "--compile", help="Also time the run's precision under torch.compile."),
+    loop_only: bool = typer.Option(False, "--loop-only", help="Only the loop: real loader vs in-memory batches."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Training images/s: fp32 NCHW, fp32 and bf16 channels_last (what precision auto picks), optionally
@@ -145,25 +161,90 @@ def bench_train_command(
     from .bench import run
     from .config import build_config, load_config
 
-    extra = list(sets or []) + [f"data.batch_size={batch_size}"] + ([f"model.name={model}"] if model else [])
-    cfg = load_config(config, extra) if config else build_config({"name": "bench"}, extra)
-    r = run(cfg, steps, compile)
+    extra = list(sets or []) + ([f"data.batch_size={batch_size}"] if batch_size else []) + \
+        ([f"model.name={model}"] if model else [])
+    cfg = load_config(config, extra) if config else build_config({"name": "bench", "data": {"batch_size": BENCH_BATCH}}, extra)
+    r = run(cfg, steps, compile, loop_only=loop_only, rounds=rounds)
     if as_json:
         typer.echo(json.dumps(r))
         return
     from .hardware import cpu_model
 
     typer.echo(f"{r['model']}, batch {r['batch_size']}, {r['device']} ({cpu_model()}), {r['threads']} threads; "
-               f"precision auto -> {r['auto']}, this config runs {r['precision']}")
-    typer.echo(f"fp32 NCHW                    {r['fp32_nchw']:>10,.1f} img/s")
-    for key, label in (("fp32_channels_last", "fp32 channels_last"), ("bf16_channels_last", "bf16 channels_last")):
-        typer.echo(f"{label:<29}{r[key]:>10,.1f} img/s  ({r[key] / r['fp32_nchw']:.2f}x)")
+               + (f"precision auto -> {r['auto']}, " if "auto" in r else "") + f"this config runs {r['precision']}")
+    if "fp32_nchw" in r:
+        typer.echo(f"fp32 NCHW                    {r['fp32_nchw']:>10,.1f} img/s")
+        for key, label in (("fp32_channels_last", "fp32 channels_last"), ("bf16_channels_last", "bf16 channels_last")):
+            typer.echo(f"{label:<29}{r[key]:>10,.1f} img/s  ({r[key] / r['fp32_nchw']:.2f}x)")
     if "compiled" in r:
         typer.echo(f"{r['precision']} + torch.compile          {r['compiled']:>10,.1f} img/s  "
-                   f"({r['compiled'] / r['fp32_nchw']:.2f}x; compiling took {r['compile_seconds']:.1f} s)")
-    typer.echo(f"loop, in-memory batches      {r['loop_synthetic']:>10,.1f} img/s")
+                   f"(compiling took {r['compile_seconds']:.1f} s)")
+    low, high = r["loop_efficiency_range"]
+    typer.echo(f"loop, in-memory batches      {r['loop_synthetic']:>10,.1f} img/s  (median of {r['rounds']})")
     typer.echo(f"loop, real loader            {r['loop_real_loader']:>10,.1f} img/s  "
-               f"(efficiency {r['loop_efficiency']:.3f})")
+               f"(efficiency {r['loop_efficiency']:.3f}, pairs {low:.3f}-{high:.3f})")
+    typer.echo(f"loader alone                 {r['loader_cpu_ms_per_image']:>10.3f} CPU ms/img  (the step: "
+               f"{r['step_cpu_ms_per_image']:.3f}; the loader's share {100 * r['loader_cpu_share']:.2f}%)")
+
+
+def bench_loop_command(
+    configs: List[Path] = typer.Argument(..., help="Config files, or folders of them (their *.yaml)."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed training steps per measurement."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Alternating pairs of loop measurements (medians)."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key in every config (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per config instead of a table."),
+) -> None:
+    """The loop efficiency of every config: its training loop over the real loader against one in-memory
+    batch, and the loader's CPU share; a Markdown table, one row per config, as each is measured.
+
+    Example: fastcifar bench loop configs/ configs/seeds/ --steps 10
+    """
+    import json
+
+    from .bench import run
+    from .config import load_config
+    from .sweep import collect
+
+    files = collect(list(configs))
+    loaded = [load_config(path, list(sets or [])) for path in files]  # every config checked before any timing
+    if not as_json:
+        typer.echo("| config | model | batch | precision | in-memory img/s | real loader img/s | loop efficiency "
+                   "(median; pairs) | loader CPU ms/img | step CPU ms/img | loader's CPU share |")
+        typer.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path, cfg in zip(files, loaded):
+        r = run(cfg, steps, loop_only=True, rounds=rounds)
+        if as_json:
+            typer.echo(json.dumps({"config": str(path), **r}))
+            continue
+        low, high = r["loop_efficiency_range"]
+        typer.echo(f"| `{path}` | {r['model']} | {r['batch_size']} | {r['precision']} | {r['loop_synthetic']:,.1f} | "
+                   f"{r['loop_real_loader']:,.1f} | {r['loop_efficiency']:.3f} ({low:.3f}-{high:.3f}) | "
+                   f"{r['loader_cpu_ms_per_image']:.3f} | {r['step_cpu_ms_per_image']:.2f} | "
+                   f"{100 * r['loader_cpu_share']:.2f}% |")
+
+
+def bench_machine_command(
+    seconds: float = typer.Option(20.0, "--seconds", min=1.0, help="How long to watch."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """How steady this machine's speed is: a fixed matmul in fp32 and bf16, half a second each, again and
+    again; min, median and max GFLOP/s. Compare timings only where max/min is near 1, or alternate them.
+
+    Example: fastcifar bench machine --seconds 20
+    """
+    import json
+
+    from .bench import steadiness
+    from .hardware import machine
+
+    r = steadiness(seconds)
+    if as_json:
+        typer.echo(json.dumps({"machine": machine(), **r}))
+        return
+    typer.echo(f"{machine()}: 1024 x 1024 matmul, GFLOP/s per half second over {seconds:g} s")
+    for name, found in r.items():
+        typer.echo(f"{name:<9} min {found['min']:8.1f}  median {found['median']:8.1f}  max {found['max']:8.1f}  "
+                   f"max/min {found['max_over_min']:.2f}")
 
 
 def bench_speedrun_command(

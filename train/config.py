@@ -153,8 +153,8 @@ class BudgetPlan:
     it fixed: never set by hand. A resumed run reads it to build the same schedule; the report shows it."""
 
     seconds: float = 0.0  # the budget (every key has a default, as in every section; these are checked below)
-    max_epochs: int = 1  # the config's train.epochs: no plan goes past it
-    epochs: int = 1  # the epochs the budget probe planned
+    max_epochs: Union[int, float] = 1  # the config's train.epochs: no plan goes past it
+    epochs: Union[int, float] = 1  # the epochs the budget probe planned (whole, or all of max_epochs)
     train_seconds: float = 0.0  # the probe's estimate of one epoch's training
     eval_seconds: float = 0.0  # ... and of one epoch's evaluation
     last_extra_seconds: float = 0.0  # ... and of what the last evaluation adds (eval.tta_last_only)
@@ -165,8 +165,8 @@ class BudgetPlan:
     corrected_epoch_seconds: Optional[float] = None  # what that epoch took, training and evaluation
 
     def __post_init__(self):
-        if self.seconds <= 0 or not 1 <= self.epochs <= self.max_epochs:
-            raise UserError(f"train.budget_plan: needs seconds > 0 and 1 <= epochs <= max_epochs, got "
+        if self.seconds <= 0 or not 0 < self.epochs <= self.max_epochs:
+            raise UserError(f"train.budget_plan: needs seconds > 0 and 0 < epochs <= max_epochs, got "
                             f"{self.seconds}, {self.epochs}, {self.max_epochs}")
         if self.corrected_at_epoch is not None and not 1 <= self.corrected_at_epoch < self.epochs:
             raise UserError(f"train.budget_plan.corrected_at_epoch must be in [1, {self.epochs}) (the planned "
@@ -181,7 +181,8 @@ class BudgetPlan:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 24
+    # a fraction trains the last epoch's first part: 7.6 is 7 epochs and the first 60% of the 8th (steps_in)
+    epochs: Union[int, float] = 24
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True
@@ -212,6 +213,15 @@ class TrainConfig:
     def budget_seconds(self) -> Optional[float]:
         return None if self.budget is None else parse_duration(self.budget, "train.budget")
 
+    @property
+    def loop_epochs(self) -> int:
+        """The epochs the loop runs, the last one partial where `epochs` has a fraction."""
+        return math.ceil(self.epochs)
+
+    def epoch_batches(self, epoch: int, steps_per_epoch: int) -> int:
+        """Batches epoch `epoch` (from 0) trains: every batch of the loader but in a fractional last epoch."""
+        return min(steps_per_epoch, steps_in(self.epochs, steps_per_epoch) - epoch * steps_per_epoch)
+
     def __post_init__(self):
         self.budget_seconds()
         if self.budget_plan is not None and self.budget is not None:
@@ -226,8 +236,10 @@ class TrainConfig:
                             f"got {self.checkpoint_every}")
         if self.dist_timeout <= 0:
             raise UserError(f"train.dist_timeout must be positive seconds, got {self.dist_timeout}")
-        if self.epochs < 1:
-            raise UserError(f"train.epochs must be at least 1, got {self.epochs}")
+        if isinstance(self.epochs, float) and self.epochs.is_integer():
+            self.epochs = int(self.epochs)
+        if not self.epochs > 0:
+            raise UserError(f"train.epochs must be positive, got {self.epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
@@ -237,6 +249,12 @@ class TrainConfig:
         for name in ("grad_clip", "grad_clip_value"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+def steps_in(epochs: Union[int, float], steps_per_epoch: int) -> int:
+    """Optimizer steps of `epochs` epochs (a fraction rounded up to a whole batch, at least one): the length every
+    schedule and the loop agree on."""
+    return max(1, math.ceil(round(epochs * steps_per_epoch, 6)))
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}

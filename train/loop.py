@@ -92,8 +92,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
         rec.begin(training)
 
     # 3. The epochs (train.budget may correct their number once, after the first)
-    def last_epoch() -> int:
-        return min(parts.cfg.train.epochs, stop_after or parts.cfg.train.epochs)
+    def last_epoch() -> int:  # train.epochs with a fraction: its last epoch trains part of the loader
+        return min(parts.cfg.train.loop_epochs, stop_after or parts.cfg.train.loop_epochs)
 
     with handling(quiet=not parts.world.main) as stop:  # fit installed it: the same request
         epoch = training.epoch
@@ -102,14 +102,14 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
             progress = train_epoch(parts, training, epoch, stop, saved,
                                    lambda so_far, running: rec.save_partial(training, epoch, so_far, running))
             saved = None
-            if progress.batch < len(parts.train_loader):  # stopped mid-epoch
+            if progress.batch < parts.cfg.train.epoch_batches(epoch, len(parts.train_loader)):  # stopped mid-epoch
                 raise rec.interrupted(training, epoch, progress)
             distributed.broadcast_buffers(training.model)  # BatchNorm statistics: rank 0's on every rank
             train = progress.summed(device)
             if not math.isfinite(train.loss):
                 raise Diverged(f"loss became {train.loss} in epoch {epoch + 1}; stopping "
                                f"(the last good checkpoint, if any, is kept)")
-            tta = not parts.cfg.eval.tta_last_only or epoch + 1 == parts.cfg.train.epochs
+            tta = not parts.cfg.eval.tta_last_only or epoch + 1 == parts.cfg.train.loop_epochs
             with training.evaluation() as model:  # the averaged weights with train.ema_decay
                 test = evaluate(parts, model, tta=tta)
                 val = evaluate(parts, model, parts.val_loader, tta=tta) if parts.val_loader is not None else None
@@ -128,7 +128,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
             if epoch + 1 < last_epoch() and distributed.any_rank(stop.requested, device):
                 raise rec.interrupted(training, epoch + 1, None)
             epoch += 1
-    if parts.cfg.train.budget_plan is not None and epoch == parts.cfg.train.epochs:  # a budgeted run's last word
+    if parts.cfg.train.budget_plan is not None and epoch == parts.cfg.train.loop_epochs:  # a budgeted run's last word
         rec.log("train.budget: " + budget_use(parts.cfg.train.budget_plan, training.timing))
     rec.close()
     return training.history
@@ -176,7 +176,8 @@ def startup_line(phases: dict, total: float) -> str:
 
 def train_epoch(parts: RunParts, training: Training, epoch: int, stop: StopRequest | None = None,
                 saved: dict | None = None, save_partial: Callable[[Progress, float], None] | None = None) -> Progress:
-    """One epoch (from batch `saved["batch"]` when resuming mid-epoch); ends early on a stop request.
+    """One epoch (from batch `saved["batch"]` when resuming mid-epoch), its first `train.epoch_batches` batches
+    (all but in a fractional last epoch); ends early on a stop request.
 
     `save_partial(progress, seconds_running)` runs after every `train.checkpoint_every`-th batch.
     """
@@ -184,11 +185,13 @@ def train_epoch(parts: RunParts, training: Training, epoch: int, stop: StopReque
     progress = Progress.start(training.schedule.lr, parts.device, saved)
     every = parts.cfg.train.checkpoint_every
     parts.train_loader.set_epoch(epoch)
-    n, world = len(parts.train_loader), parts.world
-    bar = tqdm(total=n, initial=progress.batch, desc=f"epoch {epoch + 1}/{parts.cfg.train.epochs}", leave=False,
+    n, world = parts.cfg.train.epoch_batches(epoch, len(parts.train_loader)), parts.world
+    bar = tqdm(total=n, initial=progress.batch, desc=f"epoch {epoch + 1}/{parts.cfg.train.loop_epochs}", leave=False,
                disable=None if world.main else True, dynamic_ncols=True)
     start_time = time.perf_counter()
     for index, (images, labels) in enumerate(parts.train_loader):
+        if index == n:  # a fractional last epoch ends here (the loader's epoch closes)
+            break
         if index < progress.batch:  # done before the interruption: same order and augmentations, so skip
             continue
         loss, logits = train_step(training.step, images, labels)

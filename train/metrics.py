@@ -125,7 +125,7 @@ def run_summary(cfg, params: int, history: list[dict], timing: list[dict]) -> di
     last = history[-1]
     summary = {"name": cfg.name, "model": cfg.model.name, "norm": cfg.model.norm, "scheduler": cfg.scheduler.name,
                "optimizer": cfg.optimizer.name, "params": params, "epochs": cfg.train.epochs,
-               "epochs_done": last["epoch"], "complete": last["epoch"] >= cfg.train.epochs,
+               "epochs_done": last["epoch"], "complete": last["epoch"] >= cfg.train.loop_epochs,
                "train_acc": last["train_acc"], "test_acc": last["test_acc"], "best_test_acc": best["test_acc"],
                "best_epoch": best["epoch"], "seconds": round(sum(t["seconds"] for t in timing), 1)}
     if "val_acc" in last:

@@ -48,8 +48,8 @@ class Recorder:
         """Continue the records of the run `load` read: metrics cut to the checkpoint, the log, TensorBoard."""
         if self.main:
             self._records(training)  # a crash may have left them behind the checkpoint
-        where = f"epoch {training.epoch + 1}, batch {saved['batch']}" if saved else f"epoch {training.epoch}"
-        self.log(f"resumed {self.run.path} after {where} of {self.parts.cfg.train.epochs}")
+        where = f"batch {saved['batch']} of epoch {training.epoch + 1}" if saved else f"epoch {training.epoch}"
+        self.log(f"resumed {self.run.path} after {where} (of {self.parts.cfg.train.epochs} epochs)")
         for line in training.notes:  # what the checkpoint held that this machine could not take (another GPU count)
             self.log(line)
         self._open_board(training.epoch)
@@ -74,7 +74,7 @@ class Recorder:
                 checkpoint.save(self.run.best, state)
             checkpoint.save(self.run.last, state)
             self._records(training)
-            self.run.log(summary_line(metrics, times, self.parts.cfg.train.epochs))
+            self.run.log(summary_line(metrics, times, self.parts.cfg.train.loop_epochs))
             for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc"):
                 if key in metrics:
                     self.board.add_scalar(key, metrics[key], metrics["epoch"])
@@ -96,7 +96,7 @@ class Recorder:
         """Save a resumable checkpoint (mid-epoch; at an epoch's end it is saved already); the error to raise."""
         if progress is not None:
             self.save_partial(training, epochs_done, progress)
-        after = f"epoch {epochs_done + 1}, batch {progress.batch}" if progress else f"epoch {epochs_done}"
+        after = f"batch {progress.batch} of epoch {epochs_done + 1}" if progress else f"epoch {epochs_done}"
         where, then = f"checkpoint saved after {after} in {self.run.path}", f"fastcifar train --resume {self.run.path}"
         self.log(f"interrupted: {where}; continue with: {then}", echo=False)  # the CLI prints it, on stderr
         return Interrupted(where, then)

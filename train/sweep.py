@@ -83,7 +83,7 @@ def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
             wanted[section][key] = saved.get(section, {}).get(key)
     if wanted["train"]["budget"] is not None:  # a budget became a number of epochs (at most the config's) and its plan
         epochs, plan = saved.get("train", {}).get("epochs"), saved.get("train", {}).get("budget_plan")
-        if isinstance(epochs, int) and epochs <= wanted["train"]["epochs"]:
+        if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs <= wanted["train"]["epochs"]:
             wanted["train"].update(budget=None, epochs=epochs, budget_plan=plan)
     return saved == wanted
 

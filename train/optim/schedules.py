@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from beton.errors import UserError
 
-from ..config import BudgetPlan, SchedulerConfig
+from ..config import BudgetPlan, SchedulerConfig, steps_in
 from .lr_functions import linear, replanned
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class Schedule:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def _onecycle(optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
               plan: BudgetPlan | None = None) -> Schedule:
     """One cycle, stepped per batch: from max_lr/div_factor up to max_lr, then down to
     initial_lr/final_div_factor.
@@ -91,7 +91,7 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     if cfg.peak_epoch is not None and cfg.peak_epoch >= epochs:
         raise UserError(f"scheduler.peak_epoch ({cfg.peak_epoch:g}) must be less than train.epochs ({epochs}); "
                         f"for a short run add --set scheduler.peak_epoch={max(epochs / 4, 0.25):g}")
-    total = epochs * steps_per_epoch
+    total = steps_in(epochs, steps_per_epoch)
     if total < 4:
         raise UserError(f"onecycle needs at least 4 optimizer steps, this run has {total} "
                         f"({epochs} epochs x {steps_per_epoch} batches); train longer or on more images")
@@ -110,7 +110,7 @@ def _onecycle(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int
     return Schedule(optimizer, scheduler, per_batch=True)
 
 
-def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def _step(optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
           plan: BudgetPlan | None = None) -> Schedule:
     """LR times gamma every step_size epochs."""
     from torch.optim import lr_scheduler
@@ -119,7 +119,7 @@ def _step(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, ba
                     per_batch=False)
 
 
-def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def _plateau(optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
              plan: BudgetPlan | None = None) -> Schedule:
     """LR times factor once `monitor` has not improved (by `threshold`, relative) for more than `patience` epochs."""
     from torch.optim import lr_scheduler
@@ -129,16 +129,16 @@ def _plateau(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int,
     return Schedule(optimizer, scheduler, per_batch=False, monitor=cfg.monitor)
 
 
-def _cosine(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def _cosine(optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
             plan: BudgetPlan | None = None) -> Schedule:
     """Half a cosine from the optimizer's LR to eta_min over the whole run, per batch."""
     from torch.optim import lr_scheduler
 
-    scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=cfg.eta_min)
+    scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_in(epochs, steps_per_epoch), eta_min=cfg.eta_min)
     return Schedule(optimizer, scheduler, per_batch=True)
 
 
-def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def _linear(optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
             plan: BudgetPlan | None = None) -> Schedule:
     """Per batch: every group's LR warms up linearly over warmup_epochs, then falls linearly to end_factor x LR
     at the last step (airbench's schedule is warmup 0, end 0).
@@ -148,11 +148,11 @@ def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
     from torch.optim import lr_scheduler
 
     planned = plan.epochs if plan is not None and plan.corrected_at_epoch is not None else epochs
-    total = planned * steps_per_epoch
+    total = steps_in(planned, steps_per_epoch)
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     everyone = linear(total, warmup, cfg.end_factor)
     if planned != epochs:
-        everyone = replanned(everyone, plan.corrected_at_epoch * steps_per_epoch, total, epochs * steps_per_epoch)
+        everyone = replanned(everyone, plan.corrected_at_epoch * steps_per_epoch, total, steps_in(epochs, steps_per_epoch))
     if not cfg.role_epochs:
         return Schedule(optimizer, lr_scheduler.LambdaLR(optimizer, everyone), per_batch=True)
     roles = {g.get("role") for g in optimizer.param_groups}
@@ -170,7 +170,7 @@ def _linear(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, 
                     per_batch=True)
 
 
-def _constant(optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def _constant(optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
               plan: BudgetPlan | None = None) -> Schedule:
     return Schedule(optimizer, None, per_batch=False)
 
@@ -190,7 +190,7 @@ SCHEDULERS: dict[str, Callable[..., Schedule]] = {
 }
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int,
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int,
                    base_lr: float, plan: BudgetPlan | None = None) -> Schedule:
     """The configured schedule over `epochs` x `steps_per_epoch` optimizer steps.
 
@@ -200,7 +200,7 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epoch
     """
     if cfg.name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {cfg.name!r}; known: {', '.join(SCHEDULERS)}")
-    if epochs < 1 or steps_per_epoch < 1:
+    if not epochs > 0 or steps_per_epoch < 1:
         raise UserError(f"a schedule needs at least one epoch and one batch per epoch "
                         f"(got {epochs} epochs of {steps_per_epoch} batches)")
     if plan is not None and plan.corrected_at_epoch is not None and cfg.name not in REPLANNABLE:
@@ -208,7 +208,7 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epoch
     return SCHEDULERS[cfg.name](optimizer, cfg, epochs, steps_per_epoch, base_lr, plan)
 
 
-def continued(schedule: Schedule, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int, base_lr: float,
+def continued(schedule: Schedule, cfg: SchedulerConfig, epochs: float, steps_per_epoch: int, base_lr: float,
               plan: BudgetPlan) -> Schedule:
     """`schedule` rebuilt for a corrected `plan`, at the step it has reached: its state (the step) carries over
     and the optimizer's LRs stay as they are (building a LambdaLR sets them to step 0's), which equal the new
