@@ -631,6 +631,8 @@ CLI_VALUES = {  # id -> (arguments after the command; {config}, {run} filled in;
     "set_for_sweep": (["sweep", "{config}", "--set", "foo"], "--set expects key=value"),
     "resume_with_config": (["train", "{config}", "--resume", "{run}"], "--resume continues a run"),
     "resume_with_epochs": (["train", "--resume", "{run}", "--epochs", "3"], "--resume continues a run"),
+    "resume_with_set": (["train", "--resume", "{run}", "--set", "optimizer.lr=0.1"],
+                        "--set may change only how it runs"),
     "train_without_config": (["train"], "give a CONFIG"),
     "sweep_negative_subset": (["sweep", "{config}", "--subset", "-5"], "--subset"),
     "lr_find_bad_range": (["lr-find", "{config}", "--start", "1", "--end", "0.1"], "0 < start < end"),

@@ -139,6 +139,28 @@ def test_cli_train_and_resume(learnable_betons, tmp_path, capsys):
     assert code == 0  # nothing left to do: resumes after the last epoch and ends
 
 
+def test_a_continued_run_may_change_how_it_runs_not_what_it_trains(learnable_betons, tmp_path, capsys):
+    """config.RUN_SETTINGS (checkpoint_every, workers, ...) may change when a run is continued, by `train --resume
+    --set` or by a sweep; anything else is another experiment."""
+    import yaml
+
+    raw = tiny(learnable_betons, train__epochs=2, data__subset=300, data__test_subset=100)
+    run = RunDir(tmp_path / "runs" / "tiny")
+    fit(build_config(raw), run, stop_after=1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    code, out = run_cli(["sweep", str(config), "--out", str(tmp_path / "runs"), "--no-analyze",
+                         "--set", "train.checkpoint_every=2"], capsys)
+    assert code == 0 and "resume tiny" in out.out, out.err
+    assert [m["epoch"] for m in run.metrics()] == [1, 2] and run.config()["train"]["checkpoint_every"] == 2
+    code, out = run_cli(["train", "--resume", str(run.path), "--set", "data.workers=1", "--no-analyze"], capsys)
+    assert code == 0, out.err
+    assert (run.config()["train"]["checkpoint_every"], run.config()["data"]["workers"]) == (2, 1)
+    code, out = run_cli(["sweep", str(config), "--out", str(tmp_path / "runs"), "--no-analyze",
+                         "--set", "optimizer.lr=0.2"], capsys)
+    assert code == 2 and "holds a run of a different config" in out.err
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.name=resnet99", "unknown model"),
     ("optimizer.name=lion", "optimizer.name"),

@@ -74,14 +74,15 @@ def train_command(
 
     Example: fastcifar train configs/quickstart.yaml --epochs 2 --subset 5000
     """
-    from .config import build_config, load_config
+    from .config import build_config, load_config, run_settings_overrides
     from .run import CONFIG, RunDir
 
     if resume is not None:
-        if config is not None or sets or epochs or subset or out:
-            raise UserError("--resume continues a run with its saved config; give no CONFIG, --set, --epochs, --subset or --out")
+        if config is not None or epochs or subset or out:
+            raise UserError("--resume continues a run with its saved config; give no CONFIG, --epochs, --subset or "
+                            "--out (--set only for how it runs, e.g. train.checkpoint_every)")
         run = RunDir(resume)
-        cfg = build_config(run.config(), where=f"{resume}/{CONFIG}")
+        cfg = build_config(run.config(), run_settings_overrides(sets or [], "--resume"), where=f"{resume}/{CONFIG}")
         restart = not run.last.is_file()  # stopped before its first checkpoint: start it again in place
     else:
         if config is None:

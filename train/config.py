@@ -385,6 +385,32 @@ def load_raw(path: str | Path) -> dict:
     return raw
 
 
+# How a run runs, not what it trains: the batches, the steps and so the results do not depend on them (the loader's
+# order and augmentations are drawn from (seed, epoch, index), torch's threads are the cores', whatever the workers),
+# so a run continued by `train --resume --set ...` or by a sweep may change them.
+RUN_SETTINGS = (("train", "checkpoint_every"), ("train", "dist_timeout"), ("data", "workers"),
+                ("data", "batches_ahead"), ("data", "os_cache"))
+
+
+def with_run_settings(saved: ExperimentConfig, wanted: ExperimentConfig) -> ExperimentConfig:
+    """`saved` (a run's config.yaml) with `wanted`'s RUN_SETTINGS."""
+    raw = saved.to_dict()
+    for section, key in RUN_SETTINGS:
+        raw[section][key] = getattr(getattr(wanted, section), key)
+    return build_config(raw)
+
+
+def run_settings_overrides(overrides: list[str], where: str) -> list[str]:
+    """`--set` assignments that may change a run being continued: RUN_SETTINGS only (one line naming them else)."""
+    allowed = {f"{section}.{key}" for section, key in RUN_SETTINGS}
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        if key not in allowed:
+            raise UserError(f"{where} continues a run with its saved config; --set may change only how it runs "
+                            f"({', '.join(sorted(allowed))}), not {key}")
+    return list(overrides)
+
+
 def build_config(raw: dict, overrides: list[str] = (), where: str = "config") -> ExperimentConfig:
     raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy of plain data
     for assignment in overrides:

@@ -80,6 +80,8 @@ def _fit(cfg: ExperimentConfig, run: RunDir, resume: bool, stop_after: int | Non
     rec = Recorder(run, parts)
     rec.open(resume)
     saved = rec.load(training) if resume else None  # a checkpoint that cannot be read stops here, nothing written
+    if resume:
+        rec.keep_config()  # a continued run may run differently (config.RUN_SETTINGS): config.yaml says how
     if parts.lr_find is not None and parts.world.main:  # the range test `max_lr: find` ran, beside its numbers
         write_lr_find(parts.lr_find, run.path, f"{parts.cfg.name}: LR range test")
     for line in parts.notes:

@@ -32,6 +32,11 @@ class Recorder:
         if self.main:
             self.run.write_config(self.parts.cfg.to_dict())
 
+    def keep_config(self) -> None:
+        """config.yaml as the continued run runs it, where its run settings changed (config.RUN_SETTINGS)."""
+        if self.main and self.run.config() != self.parts.cfg.to_dict():
+            self.run.write_config(self.parts.cfg.to_dict())
+
     def log(self, line: str, echo: bool = True) -> None:
         if self.main:
             self.run.log(line, echo)

@@ -17,7 +17,7 @@ from beton.atomic import atomic_write_text
 from beton.errors import Interrupted, UserError
 
 from . import distributed, hardware, stop
-from .config import ExperimentConfig, build_config, load_config
+from .config import RUN_SETTINGS, ExperimentConfig, build_config, load_config, with_run_settings
 from .loop import fit
 from .run import RunDir
 
@@ -78,6 +78,8 @@ def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
     except UserError:
         return False
     wanted = cfg.to_dict()
+    for section, key in RUN_SETTINGS:  # how it runs may change between the pieces of a run
+        wanted[section][key] = saved.get(section, {}).get(key)
     for section, key, value in RESOLVED_AT_START:
         if wanted[section][key] == value:
             wanted[section][key] = saved.get(section, {}).get(key)
@@ -99,8 +101,9 @@ def _run_one(cfg: ExperimentConfig, run: RunDir, log) -> bool:
             log(f"skip {cfg.name}: complete in {run.path}")
             return not (run.path / "report.md").is_file()
         log(f"resume {cfg.name} in {run.path}")
-        # with its saved config, as `train --resume`: what `find`, `auto` and `budget` resolved to at its start
-        fit(build_config(run.config(), where=f"{run.path}/config.yaml"), run, resume=True)
+        # with its saved config, as `train --resume`: what `find`, `auto` and `budget` resolved to at its start;
+        # how it runs (RUN_SETTINGS: checkpoint_every, workers, ...) is this sweep's
+        fit(with_run_settings(build_config(run.config(), where=f"{run.path}/config.yaml"), cfg), run, resume=True)
     else:
         log(f"train {cfg.name} -> {run.path}")
         fit(cfg, run)
