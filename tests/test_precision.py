@@ -58,7 +58,8 @@ def test_bench_train_json_reports_both_precisions_and_what_auto_picks(learnable_
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny(learnable_betons, train__precision="fp32")))
-    r = json_of(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--json"], capsys)
+    r = json_of(["bench", "train", "--config", str(config), "--batch-size", "50", "--steps", "1", "--rounds", "1",
+                 "--json"], capsys)
     for key in ("fp32_nchw", "fp32_channels_last", "bf16_channels_last", "loop_real_loader", "loop_synthetic"):
         assert r[key] > 0
     assert r["auto"] == ("bf16" if r["bf16_channels_last"] > r["fp32_channels_last"] else "fp32")

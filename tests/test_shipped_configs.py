@@ -133,8 +133,8 @@ def test_every_command_runs_the_shipped_config(path, learnable_betons, loaders_b
         return  # another config with the same non-model sections ran the three commands below
     DERIVED.add(_derived_key(path))
 
-    bench = _json(["bench", "train", "--config", str(path), "--batch-size", "1", "--steps", "1", "--json", *sets],
-                  capsys)
+    bench = _json(["bench", "train", "--config", str(path), "--batch-size", "1", "--steps", "1", "--rounds", "1",
+                   "--json", *sets], capsys)
     assert bench["loop_real_loader"] > 0 and bench["loop_synthetic"] > 0
 
     _run(["lr-find", str(path), "--iters", "2", *sets, "--out", str(tmp_path / "lr")], capsys)

@@ -143,7 +143,7 @@ def test_bench_train_takes_the_speed_recipe_with_its_per_role_schedule(learnable
     raw = speedy(learnable_betons)
     raw["scheduler"]["role_epochs"] = {"whitening_bias": 1}
     r = json_of(["bench", "train", "--config", speedy_yaml(raw, tmp_path), "--batch-size", "50", "--steps", "1",
-                 "--json"], capsys)
+                 "--rounds", "1", "--json"], capsys)
     assert r["loop_efficiency"] > 0 and r["loop_real_loader"] > 0
 
 
