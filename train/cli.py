@@ -143,8 +143,8 @@ def bench_train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML to take model, data and precision from."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (overrides the config's), e.g. resnet18."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
-                                             help=f"Batch size for every measurement (default: the config's; {BENCH_BATCH} "
-                                             "with --model alone)."),
+                                             help=f"Batch size for every measurement (default: the config's; "
+                                                  f"{BENCH_BATCH} with --model alone)."),
     steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps per measurement."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Alternating pairs of loop measurements (medians)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
@@ -164,7 +164,8 @@ def bench_train_command(
 
     extra = list(sets or []) + ([f"data.batch_size={batch_size}"] if batch_size else []) + \
         ([f"model.name={model}"] if model else [])
-    cfg = load_config(config, extra) if config else build_config({"name": "bench", "data": {"batch_size": BENCH_BATCH}}, extra)
+    cfg = (load_config(config, extra) if config
+           else build_config({"name": "bench", "data": {"batch_size": BENCH_BATCH}}, extra))
     r = run(cfg, steps, compile, loop_only=loop_only, rounds=rounds)
     if as_json:
         typer.echo(json.dumps(r))
