@@ -210,6 +210,9 @@ def bench_loop_command(
     files = collect(list(configs))
     loaded = [load_config(path, list(sets or [])) for path in files]  # every config checked before any timing
     if not as_json:
+        from .hardware import machine
+
+        typer.echo(f"{machine()}; {steps} steps a measurement, {rounds} alternating pairs\n")
         typer.echo("| config | model | batch | precision | in-memory img/s | real loader img/s | loop efficiency "
                    "(median; pairs) | loader CPU ms/img | step CPU ms/img | loader's CPU share |")
         typer.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
