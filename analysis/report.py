@@ -33,7 +33,7 @@ from train.models import count_parameters
 
 from . import confusion, curves, gradcam, plots, schedule
 from .gallery import check_pick, pick_misclassified, plot_gallery, titles
-from .predictions import LoadedRun, Predictions, load_run, predict, test_loader
+from .predictions import CPU_BATCH, LoadedRun, Predictions, load_run, predict, test_loader
 
 TARGETS = ("predicted", "true")
 FILES = {"predictions": "predictions.npz", "curves": "curves.png", "misclassified": "misclassified.png",
@@ -349,8 +349,16 @@ def _report_md(a: Analysis, metrics: list[dict], checkpoint: str, pick: str, see
                          (f" {m['val_loss']:.4f} | {m['val_acc']:.2f}% |" if val else ""))
         lines.append("")
     correct = int((p.predicted == p.labels).sum())
+    epoch_line = next((m for m in metrics or [] if m["epoch"] == a.loaded.epoch), None)
+    differs = ""
+    if epoch_line is not None and epoch_line.get("test_count") == len(p.labels) \
+            and epoch_line.get("test_correct") != correct:
+        differs = (f" The loop's evaluation after epoch {a.loaded.epoch} counted {epoch_line['test_correct']:,}: "
+                   f"this pass folds each BatchNorm into its convolution and takes its own batch size ({CPU_BATCH} "
+                   f"on the CPU), and in {cfg.train.precision} a few images near a decision boundary can go the "
+                   f"other way.")
     lines += [f"This analysis ({checkpoint} checkpoint): test accuracy **{p.accuracy:.2f}%** "
-              f"({correct:,}/{len(p.labels):,}).", "",
+              f"({correct:,}/{len(p.labels):,}).{differs}", "",
               "## Training curves", "", "![loss, accuracy and learning rate per epoch](curves.png)", ""]
 
     lines += ["## Misclassified test images", "",

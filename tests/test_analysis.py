@@ -22,6 +22,7 @@ from beton.manifest import read_manifest
 from fastcifar_cli import main
 from fastloader.loaders import read_split
 from train.models import create_model
+from train.run import RunDir
 
 N = 8
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -157,6 +158,23 @@ def test_files_and_report(analysed, trained_run):
     summary = json.loads((trained_run / "analysis.json").read_text())
     assert set(summary) >= {"indices", "true", "predicted", "gradcam_layer", "gradcam_layer_size",
                             "per_class_accuracy", "most_confused", "test_accuracy"}
+
+
+def test_the_report_says_why_its_count_differs_from_the_loops(analysed, trained_run):
+    """The prediction pass (BatchNorm folded, its own batch size) may count a few images otherwise than the loop's
+    evaluation in bf16: the report says so, with the loop's count, and says nothing where they agree."""
+    from analysis.report import _report_md
+
+    result, _ = analysed
+    metrics = RunDir(trained_run).metrics()
+    epoch = result.loaded.epoch
+    correct = int((result.predictions.predicted == result.predictions.labels).sum())
+    same = [{**m, "test_correct": correct} if m["epoch"] == epoch else m for m in metrics]
+    other = [{**m, "test_correct": correct - 1} if m["epoch"] == epoch else m for m in metrics]
+    assert "The loop's evaluation" not in _report_md(result, same, "best", "most-confident", 0)
+    text = _report_md(result, other, "best", "most-confident", 0)
+    assert f"The loop's evaluation after epoch {epoch} counted {correct - 1:,}" in text
+    assert "folds each BatchNorm into its convolution" in text
 
 
 # ---------------------------------------------------------------- the 5x5 layer rule

@@ -10,8 +10,10 @@ import torch
 import train.budget
 
 from analysis.schedule import replay_lr
-from train.config import build_config, steps_in
+from train.config import SchedulerConfig, build_config, steps_in
 from train.loop import fit
+from train.optim import build_schedule
+from train.optim.schedules import SCHEDULERS
 from train.run import RunDir
 
 from .train_fixtures import tiny
@@ -26,10 +28,29 @@ def test_steps_and_the_batches_of_each_epoch():
     assert whole.epochs == 3 and isinstance(whole.epochs, int) and whole.loop_epochs == 3
 
 
+def _lrs(name: str, epochs: float, steps_per_epoch: int, steps: int) -> list[float]:
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = build_schedule(optimizer, SchedulerConfig(name=name), epochs, steps_per_epoch, 0.1)
+    if not schedule.per_batch:
+        return []
+    found = []
+    for _ in range(steps):
+        found.append(schedule.lr)
+        optimizer.step()
+        schedule.after_batch()
+    return found + [schedule.lr]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_per_step_schedule_ends_at_a_fractional_epochs_last_step(name):
+    """Every schedule of the registry (a new one included): 1.5 epochs of 10 steps run the course of 15 steps,
+    as one epoch of 15 does; per-epoch schedules count the partial epoch as an epoch (the loop's test below)."""
+    assert _lrs(name, 1.5, 10, 15) == _lrs(name, 1, 15, 15)
+
+
 SCHEDULES = {
     "linear": {"name": "linear", "end_factor": 0.0},  # per step, to zero at the run's last step
-    "onecycle": {"name": "onecycle", "max_lr": 0.05, "pct_start": 0.25},
-    "cosine": {"name": "cosine"},
     "step": {"name": "step", "step_size": 1, "gamma": 0.5},  # per epoch: the partial epoch is an epoch
 }
 

@@ -124,7 +124,7 @@ def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
     `steps` batches each (medians), and the loader alone in CPU seconds per image (the module docstring)."""
     synthetic = _Repeat(tuple(x.clone() for x in next(iter(parts.train_loader))), steps)  # FFCV reuses buffers
     rates: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
-    step_cpu = []
+    cpu_per_image: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
     for index in range(rounds):
         for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(parts.train_loader, steps))):
             timed = replace(parts, train_loader=loader)
@@ -132,16 +132,20 @@ def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
             cpu = _cpu_seconds()
             progress = train_epoch(timed, training, 0)  # the one epoch of loop_config, each round
             rates[key].append(progress.count / progress.seconds)
-            if key == "loop_synthetic":
-                step_cpu.append((_cpu_seconds() - cpu) / progress.count)
+            cpu_per_image[key].append((_cpu_seconds() - cpu) / progress.count)
     ratios = [real / memory for memory, real in zip(rates["loop_synthetic"], rates["loop_real_loader"])]
     loader_cpu = loader_cpu_per_image(parts.train_loader, steps)
-    step = statistics.median(step_cpu)
+    step = statistics.median(cpu_per_image["loop_synthetic"])
+    # what the loop over the real loader spent beyond the in-memory one, paired: the loader's own work plus any
+    # the training threads lost to it (waiting, spinning) shows here, in CPU time, whatever the cores' speed
+    extra = statistics.median(real - memory for memory, real in zip(cpu_per_image["loop_synthetic"],
+                                                                    cpu_per_image["loop_real_loader"]))
     return {"loop_synthetic": statistics.median(rates["loop_synthetic"]),
             "loop_real_loader": statistics.median(rates["loop_real_loader"]),
             "loop_efficiency": statistics.median(ratios), "loop_efficiency_range": [min(ratios), max(ratios)],
             "rounds": rounds, "loader_cpu_ms_per_image": 1000 * loader_cpu,
-            "step_cpu_ms_per_image": 1000 * step, "loader_cpu_share": loader_cpu / (loader_cpu + step)}
+            "step_cpu_ms_per_image": 1000 * step, "loader_cpu_share": loader_cpu / (loader_cpu + step),
+            "real_loop_extra_cpu_ms_per_image": 1000 * extra}
 
 
 def loader_cpu_per_image(loader, batches: int) -> float:

@@ -187,6 +187,8 @@ def bench_train_command(
                f"(efficiency {r['loop_efficiency']:.3f}, pairs {low:.3f}-{high:.3f})")
     typer.echo(f"loader alone                 {r['loader_cpu_ms_per_image']:>10.3f} CPU ms/img  (the step: "
                f"{r['step_cpu_ms_per_image']:.3f}; the loader's share {100 * r['loader_cpu_share']:.2f}%)")
+    typer.echo(f"real loop's extra CPU        {r['real_loop_extra_cpu_ms_per_image']:>10.3f} CPU ms/img  "
+               f"(over the in-memory loop, paired median)")
 
 
 def bench_loop_command(
@@ -214,8 +216,9 @@ def bench_loop_command(
 
         typer.echo(f"{machine()}; {steps} steps a measurement, {rounds} alternating pairs\n")
         typer.echo("| config | model | batch | precision | in-memory img/s | real loader img/s | loop efficiency "
-                   "(median; pairs) | loader CPU ms/img | step CPU ms/img | loader's CPU share |")
-        typer.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                   "(median; pairs) | loader CPU ms/img | step CPU ms/img | loader's CPU share | "
+                   "real loop's extra CPU ms/img |")
+        typer.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path, cfg in zip(files, loaded):
         r = run(cfg, steps, loop_only=True, rounds=rounds)
         if as_json:
@@ -225,7 +228,7 @@ def bench_loop_command(
         typer.echo(f"| `{path}` | {r['model']} | {r['batch_size']} | {r['precision']} | {r['loop_synthetic']:,.1f} | "
                    f"{r['loop_real_loader']:,.1f} | {r['loop_efficiency']:.3f} ({low:.3f}-{high:.3f}) | "
                    f"{r['loader_cpu_ms_per_image']:.3f} | {r['step_cpu_ms_per_image']:.2f} | "
-                   f"{100 * r['loader_cpu_share']:.2f}% |")
+                   f"{100 * r['loader_cpu_share']:.2f}% | {r['real_loop_extra_cpu_ms_per_image']:.3f} |")
 
 
 def bench_machine_command(
