@@ -83,6 +83,7 @@ def test_bench_train_takes_the_configs_batch_and_loop_only_skips_the_precisions(
     assert 0 < low <= r["loop_efficiency"] <= high
     assert r["loader_cpu_ms_per_image"] > 0 and r["step_cpu_ms_per_image"] > 0
     assert isinstance(r["real_loop_extra_cpu_ms_per_image"], float)  # noise can make it negative
+    assert r["epoch_start_seconds"] > 0 and 0 < r["loop_efficiency_epoch"]
     assert r["loader_cpu_share"] == pytest.approx(
         r["loader_cpu_ms_per_image"] / (r["loader_cpu_ms_per_image"] + r["step_cpu_ms_per_image"]))
 

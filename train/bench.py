@@ -8,7 +8,8 @@ Every figure times `step.train_step`, the training loop's own step, on the confi
 - compiled (with --compile): the run's precision under `torch.compile`, compile time apart;
 - the loop (`loop_measures`, also `fastcifar bench loop` over many configs): `loop.train_epoch` itself over
   the real loader, and over one batch already in memory served as many times, alternated `rounds` times;
-  the median of the paired ratios is the loop efficiency (1.0: data loading costs nothing). A shared
+  the median of the paired ratios of their steady rates is the loop efficiency (1.0: data loading costs
+  nothing), the wait for an epoch's first batch timed apart and counted once per epoch of the config. A shared
   machine's speed can swing 2x from one second to the next (`fastcifar bench machine`), which no single
   pair survives; so the loader is also timed alone, in CPU seconds per image (the cores' time it takes
   from training, whatever their speed): `loader_cpu_share` = loader / (loader + training step).
@@ -40,6 +41,7 @@ class _Repeat:
 
     def __init__(self, batch, n: int):
         self.batch, self.n, self.num_samples = batch, n, n * len(batch[1])
+        self.first_batch_seconds = 0.0
 
     def __len__(self) -> int:
         return self.n
@@ -58,6 +60,7 @@ class _Limited:
     def __init__(self, loader, n: int):
         self.loader, self.n = loader, min(n, len(loader))
         self.num_samples = self.n * loader.batch_size
+        self.first_batch_seconds = 0.0  # the epoch's start: from iter() to its first batch
 
     def __len__(self) -> int:
         return self.n
@@ -66,7 +69,10 @@ class _Limited:
         self.loader.set_epoch(epoch)
 
     def __iter__(self) -> Iterator:
+        begin = time.perf_counter()
         for i, batch in enumerate(self.loader):
+            if i == 0:
+                self.first_batch_seconds = time.perf_counter() - begin
             if i == self.n:
                 break
             yield batch
@@ -121,18 +127,26 @@ def _cpu_seconds() -> float:
 
 def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
     """The training loop over the real loader against one in-memory batch, `rounds` alternating pairs of
-    `steps` batches each (medians), and the loader alone in CPU seconds per image (the module docstring)."""
+    `steps` batches each (medians), and the loader alone in CPU seconds per image (the module docstring).
+
+    A real epoch starts by waiting for its first batch (FFCV starts its thread and fills its buffers): paid once
+    an epoch, it is timed apart (`epoch_start_seconds`), the rates are the steady ones after it, and
+    `loop_efficiency_epoch` is what both together leave of the in-memory rate over one of the config's epochs."""
     synthetic = _Repeat(tuple(x.clone() for x in next(iter(parts.train_loader))), steps)  # FFCV reuses buffers
     rates: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
     cpu_per_image: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
+    starts = []
     for index in range(rounds):
         for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(parts.train_loader, steps))):
             timed = replace(parts, train_loader=loader)
             training = start_training(timed)
             cpu = _cpu_seconds()
             progress = train_epoch(timed, training, 0)  # the one epoch of loop_config, each round
-            rates[key].append(progress.count / progress.seconds)
+            start = loader.first_batch_seconds
+            rates[key].append(progress.count / max(progress.seconds - start, 1e-9))
             cpu_per_image[key].append((_cpu_seconds() - cpu) / progress.count)
+            if key == "loop_real_loader":
+                starts.append(start)
     ratios = [real / memory for memory, real in zip(rates["loop_synthetic"], rates["loop_real_loader"])]
     loader_cpu = loader_cpu_per_image(parts.train_loader, steps)
     step = statistics.median(cpu_per_image["loop_synthetic"])
@@ -140,9 +154,13 @@ def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
     # the training threads lost to it (waiting, spinning) shows here, in CPU time, whatever the cores' speed
     extra = statistics.median(real - memory for memory, real in zip(cpu_per_image["loop_synthetic"],
                                                                     cpu_per_image["loop_real_loader"]))
-    return {"loop_synthetic": statistics.median(rates["loop_synthetic"]),
-            "loop_real_loader": statistics.median(rates["loop_real_loader"]),
+    memory, real, epoch_start = (statistics.median(rates["loop_synthetic"]),
+                                 statistics.median(rates["loop_real_loader"]), statistics.median(starts))
+    images = len(parts.train_loader) * parts.cfg.data.batch_size  # one epoch of the config
+    return {"loop_synthetic": memory, "loop_real_loader": real,
             "loop_efficiency": statistics.median(ratios), "loop_efficiency_range": [min(ratios), max(ratios)],
+            "epoch_start_seconds": epoch_start,
+            "loop_efficiency_epoch": (images / memory) / (images / real + epoch_start),
             "rounds": rounds, "loader_cpu_ms_per_image": 1000 * loader_cpu,
             "step_cpu_ms_per_image": 1000 * step, "loader_cpu_share": loader_cpu / (loader_cpu + step),
             "real_loop_extra_cpu_ms_per_image": 1000 * extra}
