@@ -154,13 +154,14 @@ def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
     # the training threads lost to it (waiting, spinning) shows here, in CPU time, whatever the cores' speed
     extra = statistics.median(real - memory for memory, real in zip(cpu_per_image["loop_synthetic"],
                                                                     cpu_per_image["loop_real_loader"]))
-    memory, real, epoch_start = (statistics.median(rates["loop_synthetic"]),
-                                 statistics.median(rates["loop_real_loader"]), statistics.median(starts))
     images = len(parts.train_loader) * parts.cfg.data.batch_size  # one epoch of the config
-    return {"loop_synthetic": memory, "loop_real_loader": real,
+    over_epoch = [(images / memory) / (images / real + start) for memory, real, start in
+                  zip(rates["loop_synthetic"], rates["loop_real_loader"], starts)]  # paired, as `ratios`
+    return {"loop_synthetic": statistics.median(rates["loop_synthetic"]),
+            "loop_real_loader": statistics.median(rates["loop_real_loader"]),
             "loop_efficiency": statistics.median(ratios), "loop_efficiency_range": [min(ratios), max(ratios)],
-            "epoch_start_seconds": epoch_start,
-            "loop_efficiency_epoch": (images / memory) / (images / real + epoch_start),
+            "epoch_start_seconds": statistics.median(starts),
+            "loop_efficiency_epoch": statistics.median(over_epoch),
             "rounds": rounds, "loader_cpu_ms_per_image": 1000 * loader_cpu,
             "step_cpu_ms_per_image": 1000 * step, "loader_cpu_share": loader_cpu / (loader_cpu + step),
             "real_loop_extra_cpu_ms_per_image": 1000 * extra}
