@@ -58,7 +58,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_ends_where_an_uninterrupted_run_does(
     run = RunDir(tmp_path / "run")
     code, out = run_cli(["train", str(config), "--out", str(run.path), "--no-analyze"], capsys)
     assert code == 130
-    assert f"fastcifar train --resume {run.path}" in out.err and "epoch 2, batch 4" in out.err
+    assert f"fastcifar train --resume {run.path}" in out.err and "batch 4 of epoch 2" in out.err
     assert "Traceback" not in out.err
     state = torch.load(run.last, weights_only=True)
     assert state["epoch"] == 1 and state["partial"]["batch"] == 4  # the batch in flight was finished
