@@ -136,7 +136,7 @@ def loop_measures(parts, steps: int, rounds: int = 1) -> dict:
     rates: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
     cpu_per_image: dict[str, list[float]] = {"loop_synthetic": [], "loop_real_loader": []}
     starts = []
-    for index in range(rounds):
+    for _ in range(rounds):
         for key, loader in (("loop_synthetic", synthetic), ("loop_real_loader", _Limited(parts.train_loader, steps))):
             timed = replace(parts, train_loader=loader)
             training = start_training(timed)
