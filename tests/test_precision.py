@@ -53,6 +53,29 @@ def test_the_real_measurement_times_both_precisions(learnable_betons):
     assert all((v == s.model.state_dict()[k]).all() for k, v in before.items())  # measured on a copy
 
 
+def test_the_probe_takes_turns_and_rates_each_precision_by_its_fastest_step(learnable_betons, monkeypatch):
+    """A slow spell of the machine (bf16's first timed step at a sixth of its speed, as an AMX Xeon's units do
+    for seconds at a time) must not decide the choice: timed turn about and rated by the fastest step, bf16 (10 ms
+    a step) beats fp32 (20 ms), where the mean of each one's steps (bf16 26.7 ms) would have picked fp32."""
+    cfg = build_config(tiny(learnable_betons, train__precision="fp32"))
+    s = build(cfg)
+    clock, calls = [0.0], []
+    durations = {"fp32": iter([0.5, 0.02, 0.02, 0.02]), "bf16": iter([0.5, 0.06, 0.01, 0.01])}  # warm-up first
+
+    def fake_step(step, images, labels):
+        calls.append(step.precision.name)
+        clock[0] += next(durations[step.precision.name])
+        return torch.zeros(()), None
+
+    monkeypatch.setattr(train.precision, "train_step", fake_step)
+    monkeypatch.setattr(train.precision.time, "perf_counter", lambda: clock[0])
+    rates = train.precision.measure_precisions(cfg, s.model, s.device, 10, steps=3)
+    assert calls == ["fp32", "bf16"] * 4  # one warm-up step each, then turn about
+    batch = train.precision.probe_batch(cfg)
+    assert rates == pytest.approx({"fp32": batch / 0.02, "bf16": batch / 0.01})
+    assert train.precision.chosen_precision(s.device, rates) == "bf16"
+
+
 def test_bench_train_json_reports_both_precisions_and_what_auto_picks(learnable_betons, tmp_path, capsys):
     import yaml
 

@@ -22,7 +22,7 @@ from fastloader.threads import cpu_cores, own_torch_threads
 from .hardware import Precision, cpu_model, cuda_precision, resolve_precision, reusing_freed_memory
 from .step import Step, train_step
 
-PROBE_STEPS = 3  # timed steps per precision (after one warm-up step)
+PROBE_STEPS = 3  # timed steps per precision, turn about (after one warm-up step each)
 # the probe's batch, at most: which precision is faster shows at 256 as at the run's batch, and a large batch in fp32
 # is what makes a first run's start-up long (speed94 at batch 2000 on a 2-core Xeon with AMX: 36.7 s of probe, the
 # bf16/fp32 ratio 2.3x; at 256: 9 s, 3.0x)
@@ -50,9 +50,10 @@ def step_rate(step: Step, images: torch.Tensor, labels: torch.Tensor, steps: int
     return steps * len(labels) / (time.perf_counter() - start)
 
 
-def rate(model: torch.nn.Module, optimizer_cfg, precision: Precision, device: torch.device, batch: int,
-         classes: int, steps: int, channels_last: bool = True) -> float:
-    """Images/s of a copy of `model` (its weights and buffers untouched) with a fresh optimizer."""
+def probe_step(model: torch.nn.Module, optimizer_cfg, precision: Precision, device: torch.device, batch: int,
+               classes: int, channels_last: bool = True) -> tuple[Step, torch.Tensor, torch.Tensor]:
+    """A step on a copy of `model` (its weights and buffers untouched) with a fresh optimizer, and a synthetic
+    batch for it."""
     from .optim import build_optimizer
 
     probe = copy.deepcopy(model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -60,6 +61,13 @@ def rate(model: torch.nn.Module, optimizer_cfg, precision: Precision, device: to
     images, labels = synthetic_batch(batch, classes, device, precision.batch_dtype)
     if not channels_last:
         images = images.contiguous()
+    return step, images, labels
+
+
+def rate(model: torch.nn.Module, optimizer_cfg, precision: Precision, device: torch.device, batch: int,
+         classes: int, steps: int, channels_last: bool = True) -> float:
+    """Images/s of a copy of `model` (its weights and buffers untouched) with a fresh optimizer."""
+    step, images, labels = probe_step(model, optimizer_cfg, precision, device, batch, classes, channels_last)
     return step_rate(step, images, labels, steps)
 
 
@@ -97,9 +105,23 @@ def _write_cache(key: str, rates: dict) -> None:
 def measure_precisions(cfg, model: torch.nn.Module, device: torch.device, classes: int,
                        steps: int = PROBE_STEPS) -> dict[str, float]:
     """Images/s of fp32 and bf16 autocast, channels_last both, for the run's model at its batch (at most
-    PROBE_BATCH)."""
-    return {name: rate(model, cfg.optimizer, precision=resolve_precision(name, device), device=device,
-                       batch=probe_batch(cfg), classes=classes, steps=steps) for name in ("fp32", "bf16")}
+    PROBE_BATCH). The two are timed turn about, one step at a time, and each is rated by its fastest step: a
+    2-core Xeon's AMX units were seen to run at a third of their speed for seconds at a time (docs/benchmarks.md,
+    `fastcifar bench machine`), and timed one after the other, a slow spell inside one precision's steps would
+    decide the choice; turn about, it slows both."""
+    probes = {name: probe_step(model, cfg.optimizer, resolve_precision(name, device), device, probe_batch(cfg),
+                               classes) for name in ("fp32", "bf16")}
+    for step, images, labels in probes.values():  # the warm-up step: first-call allocations, oneDNN's kernels
+        train_step(step, images, labels)[0].item()
+    fastest = dict.fromkeys(probes, float("inf"))
+    for _ in range(steps):
+        for name, (step, images, labels) in probes.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            train_step(step, images, labels)[0].item()  # .item() waits for the device
+            fastest[name] = min(fastest[name], time.perf_counter() - start)
+    return {name: probe_batch(cfg) / seconds for name, seconds in fastest.items()}
 
 
 def probe_batch(cfg) -> int:
@@ -126,7 +148,7 @@ def auto_precision(cfg, model: torch.nn.Module, device: torch.device, classes: i
     if not (isinstance(rates, dict) and all(isinstance(rates.get(k), (int, float)) for k in ("fp32", "bf16"))):
         rates = measure_precisions(cfg, model, device, classes)
         _write_cache(key, rates)
-        source = f"measured over {PROBE_STEPS} steps each"
+        source = f"fastest of {PROBE_STEPS} steps each, turn about"
     name = chosen_precision(device, rates)
     return name, (f"precision auto -> {name}: fp32 {rates['fp32']:,.1f} vs bf16 {rates['bf16']:,.1f} images/s "
                   f"({cfg.model.name}, batch {probe_batch(cfg)}, channels_last; {source} on {cpu_model()})")
