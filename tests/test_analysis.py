@@ -314,7 +314,8 @@ def test_report_lists_each_roles_optimizer_and_lr_not_the_unused_top_level_ones(
     assert rows["scheduler"] == ("linear per batch: warm-up 0 epochs, then down to 0 at the last step; "
                                  "whitening_bias over its first 3 epochs")
     assert rows["training"].startswith("5 epochs, precision bf16, label smoothing 0.2, seed 0")
-    assert rows["evaluation"] == "test-time augmentation flip_translate (shift 1), last epoch and this analysis only"
+    assert rows["evaluation"] == ("test-time augmentation flip_translate (shift 1), on the 25% least confident images "
+                                  "of each batch, last epoch and this analysis only")
 
 
 def test_report_says_what_onecycle_set_and_which_images_trained():
