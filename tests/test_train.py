@@ -158,7 +158,9 @@ def test_a_continued_run_may_change_how_it_runs_not_what_it_trains(learnable_bet
     assert (run.config()["train"]["checkpoint_every"], run.config()["data"]["workers"]) == (2, 1)
     code, out = run_cli(["sweep", str(config), "--out", str(tmp_path / "runs"), "--no-analyze",
                          "--set", "optimizer.lr=0.2"], capsys)
-    assert code == 2 and "holds a run of a different config" in out.err
+    assert code == 2 and "holds a run of a different config (optimizer.lr: " in out.err  # names what differs
+    assert f"-> 0.2); pick another --out for this sweep, or remove {run.path} to train it again" in out.err
+    assert len(out.err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("override, message", [

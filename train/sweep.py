@@ -73,10 +73,16 @@ RESOLVED_AT_START = (("scheduler", "max_lr", "find"), ("scheduler", "start_lr", 
 def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
     """Equal configs, where a saved run may hold what `find`, `auto` and `budget` resolved to. The saved one is
     read as a config first, so a key added since it was written (its default) does not make it another."""
+    return not config_differences(saved, cfg)
+
+
+def config_differences(saved: dict, cfg: ExperimentConfig) -> list[str]:
+    """What differs between a saved run's config and `cfg`, as `section.key: saved -> wanted` (what `find`,
+    `auto`, `budget` resolved to and the run settings do not count); empty when they are the same config."""
     try:
         saved = build_config(saved).to_dict()
-    except UserError:
-        return False
+    except UserError as e:
+        return [f"its config.yaml is not a valid config ({e})"]
     wanted = cfg.to_dict()
     for section, key in RUN_SETTINGS:  # how it runs may change between the pieces of a run
         wanted[section][key] = saved.get(section, {}).get(key)
@@ -87,7 +93,11 @@ def _same_config(saved: dict, cfg: ExperimentConfig) -> bool:
         epochs, plan = saved.get("train", {}).get("epochs"), saved.get("train", {}).get("budget_plan")
         if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs <= wanted["train"]["epochs"]:
             wanted["train"].update(budget=None, epochs=epochs, budget_plan=plan)
-    return saved == wanted
+    return [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+            for section, keys in wanted.items() if isinstance(keys, dict) for key, value in keys.items()
+            if saved.get(section, {}).get(key) != value] + [
+        f"{section}: {saved.get(section)!r} -> {value!r}" for section, value in wanted.items()
+        if not isinstance(value, dict) and saved.get(section) != value]
 
 
 def _run_one(cfg: ExperimentConfig, run: RunDir, log) -> bool:
@@ -95,8 +105,11 @@ def _run_one(cfg: ExperimentConfig, run: RunDir, log) -> bool:
     analysis is due (a skipped run's is when an earlier sweep stopped before its report.md)."""
     summary = run.summary()
     if run.last.is_file() or summary is not None:
-        if not _same_config(run.config(), cfg):
-            raise UserError(f"{run.path} holds a run of a different config; pick another --out for this sweep")
+        differences = config_differences(run.config(), cfg)
+        if differences:
+            raise UserError(f"{run.path} holds a run of a different config ({'; '.join(differences[:3])}"
+                            f"{'; ...' if len(differences) > 3 else ''}); pick another --out for this sweep, or "
+                            f"remove {run.path} to train it again")
         if summary is not None and summary["complete"]:
             log(f"skip {cfg.name}: complete in {run.path}")
             return not (run.path / "report.md").is_file()
