@@ -20,7 +20,8 @@ from beton.cli import app as beton_app
 from beton.errors import Interrupted, UserError
 from fastloader.cli import bench_loader
 from train.cli import (AFTER_RESULTS, AFTER_RUN, bench_loop_command, bench_machine_command, bench_speedrun_command,
-                       bench_train_command, lr_find_command, models_command, sweep_command, train_command)
+                       bench_steps_command, bench_train_command, lr_find_command, models_command, sweep_command,
+                       train_command)
 from train.stop import StopRequest
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ bench_app.command("train")(bench_train_command)
 bench_app.command("speedrun")(bench_speedrun_command)
 bench_app.command("loop")(bench_loop_command)
 bench_app.command("machine")(bench_machine_command)
+bench_app.command("steps")(bench_steps_command)
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
 app.command("sweep")(sweep_command)

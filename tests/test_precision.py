@@ -130,6 +130,48 @@ def test_bench_loop_measures_every_config_of_a_folder_and_checks_them_all_first(
     assert out.out == ""
 
 
+def test_bench_steps_compares_configs_one_step_of_each_in_turn(learnable_betons, tmp_path, capsys, monkeypatch):
+    """Real steps of two configs through the CLI (a table, one row each, checked before any timing), then the
+    timing itself on a scripted clock: the steps alternate, and a slow spell that hits one round of both does
+    not change the paired ratio (the second config's step costs twice the first's per image in every round)."""
+    import yaml
+
+    import train.bench
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name, batch in (("a", 50), ("b", 25)):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(tiny(learnable_betons, data__batch_size=batch)))
+    code, out = run_cli(["bench", "steps", str(folder), "--rounds", "2"], capsys)
+    assert code == 0, out.err
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.out.splitlines() if line.startswith("| `")]
+    assert [(row[0], row[2], row[3], row[8]) for row in rows] == [
+        (f"`{folder / 'a.yaml'}`", "50", "bf16", "1.000"), (f"`{folder / 'b.yaml'}`", "25", "bf16", rows[1][8])]
+    assert all(0 < float(row[4]) <= float(row[5]) <= float(row[6]) for row in rows)
+    (folder / "c.yaml").write_text(yaml.safe_dump(tiny(learnable_betons, optimizer__lr=-1)))
+    code, out = run_cli(["bench", "steps", str(folder)], capsys)
+    assert code == 2 and out.err.startswith("error: ") and len(out.err.strip().splitlines()) == 1 and out.out == ""
+
+    clock, calls = [0.0], []
+    per_image = {50: 0.001, 25: 0.002}  # seconds per image of a step, before the slow spell's factor
+    spell = iter([1, 1, 1, 1, 1, 1, 3, 3, 1, 1])  # warm-up (2 each), then rounds 1-3 in turn: round 2 is slow
+
+    def fake_step(step, images, labels):
+        calls.append(len(labels))
+        clock[0] += per_image[len(labels)] * len(labels) * next(spell)
+        return torch.zeros(()), None
+
+    monkeypatch.setattr(train.bench, "train_step", fake_step)
+    monkeypatch.setattr(train.bench.time, "perf_counter", lambda: clock[0])
+    from train.config import load_config
+
+    first, second = train.bench.turn_about([load_config(folder / "a.yaml"), load_config(folder / "b.yaml")], rounds=3)
+    assert calls == [50, 50, 25, 25] + [50, 25] * 3  # warm-up steps, then one of each in turn
+    assert first["ms_per_image"] == pytest.approx([1.0, 3.0, 1.0]) and first["vs_first"] == 1.0
+    assert second["ms_per_image"] == pytest.approx([2.0, 6.0, 2.0]) and second["vs_first"] == pytest.approx(2.0)
+    assert (second["fastest_ms"], second["median_ms"], second["slowest_ms"]) == pytest.approx((2.0, 2.0, 6.0))
+
+
 def test_bench_machine_reports_the_spread_of_its_windows(capsys):
     r = json_of(["bench", "machine", "--seconds", "1", "--json"], capsys)
     assert r["machine"]

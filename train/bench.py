@@ -14,6 +14,9 @@ Every figure times `step.train_step`, the training loop's own step, on the confi
   pair survives; so the loader is also timed alone, in CPU seconds per image (the cores' time it takes
   from training, whatever their speed): `loader_cpu_share` = loader / (loader + training step).
 - `steadiness`: how much the machine's own speed swings (a fixed matmul, second after second).
+- `turn_about` (`fastcifar bench steps`): several configs' training steps compared, one step of each in turn, so
+  that the machine's slow spells hit all of them alike; per image, each config's fastest, median and slowest
+  step, and the median over rounds of its step time over the first config's in the same round.
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ from .hardware import resolve_precision, reusing_freed_memory
 from .loop import train_epoch
 from .optim import build_optimizer
 from .parts import build
-from .precision import chosen_precision, rate, step_rate, synthetic_batch
+from .precision import chosen_precision, probe_step, rate, step_rate, synthetic_batch
 from .state import start_training
-from .step import Step
+from .step import Step, train_step
 
 
 class _Repeat:
@@ -221,3 +224,35 @@ def _compiled(parts, steps: int) -> dict:
     step_rate(step, images, labels, steps=1, warmup=1)  # compiles (forward, backward, optimizer)
     compile_s = time.perf_counter() - begin
     return {"compiled": step_rate(step, images, labels, steps, warmup=1), "compile_seconds": compile_s}
+
+
+def turn_about(configs: list[ExperimentConfig], rounds: int, warmup: int = 2) -> list[dict]:
+    """Each config's training step (its model, batch, optimizer and precision, `auto` resolved; a synthetic
+    batch, a copy of the model) timed one step at a time in turn, `rounds` times after `warmup` untimed steps
+    each: ms per image (fastest, median, slowest) and `vs_first`, the median over rounds of its step's
+    ms per image over the first config's in the same round (1.0 for the first)."""
+    probes = []
+    for cfg in configs:
+        parts = build(cfg)
+        step, images, labels = probe_step(parts.model, cfg.optimizer, parts.precision, parts.device,
+                                          cfg.data.batch_size, len(parts.classes))
+        if cfg.train.compile:
+            step.model = torch.compile(step.model)
+        probes.append((parts, step, images, labels))
+    for _, step, images, labels in probes:
+        for _ in range(warmup):
+            train_step(step, images, labels)[0].item()
+    ms = [[] for _ in probes]
+    for _ in range(rounds):
+        for i, (parts, step, images, labels) in enumerate(probes):
+            if parts.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            train_step(step, images, labels)[0].item()  # .item() waits for the device
+            ms[i].append((time.perf_counter() - start) * 1000 / len(labels))
+    return [{"model": parts.cfg.model.name, "batch_size": parts.cfg.data.batch_size,
+             "precision": parts.precision.name, "ms_per_image": times,
+             "fastest_ms": min(times), "median_ms": statistics.median(times), "slowest_ms": max(times),
+             "images_per_s": 1000 / statistics.median(times),
+             "vs_first": statistics.median(mine / first for mine, first in zip(times, ms[0]))}
+            for (parts, *_), times in zip(probes, ms)]

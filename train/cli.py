@@ -233,6 +233,42 @@ def bench_loop_command(
                    f"{100 * r['loader_cpu_share']:.2f}% | {r['real_loop_extra_cpu_ms_per_image']:.3f} |")
 
 
+def bench_steps_command(
+    configs: List[Path] = typer.Argument(..., help="Config files, or folders of them (their *.yaml)."),
+    rounds: int = typer.Option(10, "--rounds", min=1, help="Timed steps of each config, taken in turn."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="Override a key in every config (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per config instead of a table."),
+) -> None:
+    """Training-step cost of several configs side by side: one step of each in turn, so that the machine's
+    slow spells hit all alike; per image, each one's fastest, median and slowest step, and its median ratio
+    to the first config's step of the same round.
+
+    Example: fastcifar bench steps configs/speed94.yaml my_silu_variant.yaml --rounds 10
+    """
+    import json
+
+    from .bench import turn_about
+    from .config import load_config
+    from .sweep import collect
+
+    files = collect(list(configs))
+    loaded = [load_config(path, list(sets or [])) for path in files]  # every config checked before any timing
+    results = turn_about(loaded, rounds)
+    if as_json:
+        for path, r in zip(files, results):
+            typer.echo(json.dumps({"config": str(path), **r}))
+        return
+    from .hardware import machine
+
+    typer.echo(f"{machine()}; {rounds} steps of each config, in turn (synthetic batches)\n")
+    typer.echo("| config | model | batch | precision | fastest ms/img | median ms/img | slowest ms/img | "
+               "img/s (median) | over the first (median of rounds) |")
+    typer.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path, r in zip(files, results):
+        typer.echo(f"| `{path}` | {r['model']} | {r['batch_size']} | {r['precision']} | {r['fastest_ms']:.3f} | "
+                   f"{r['median_ms']:.3f} | {r['slowest_ms']:.3f} | {r['images_per_s']:,.1f} | {r['vs_first']:.3f} |")
+
+
 def bench_machine_command(
     seconds: float = typer.Option(20.0, "--seconds", min=1.0, help="How long to watch."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
