@@ -161,8 +161,8 @@ def test_bench_steps_compares_configs_one_step_of_each_in_turn(learnable_betons,
         clock[0] += per_image[len(labels)] * len(labels) * next(spell)
         return torch.zeros(()), None
 
-    monkeypatch.setattr(train.bench, "train_step", fake_step)
-    monkeypatch.setattr(train.bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(train.precision, "train_step", fake_step)  # the turn-about timer bench steps shares
+    monkeypatch.setattr(train.precision.time, "perf_counter", lambda: clock[0])
     from train.config import load_config
 
     first, second = train.bench.turn_about([load_config(folder / "a.yaml"), load_config(folder / "b.yaml")], rounds=3)

@@ -34,9 +34,9 @@ from .hardware import resolve_precision, reusing_freed_memory
 from .loop import train_epoch
 from .optim import build_optimizer
 from .parts import build
-from .precision import chosen_precision, probe_step, rate, step_rate, synthetic_batch
+from .precision import chosen_precision, probe_step, rate, step_rate, steps_in_turn, synthetic_batch
 from .state import start_training
-from .step import Step, train_step
+from .step import Step
 
 
 class _Repeat:
@@ -239,17 +239,8 @@ def turn_about(configs: list[ExperimentConfig], rounds: int, warmup: int = 2) ->
         if cfg.train.compile:
             step.model = torch.compile(step.model)
         probes.append((parts, step, images, labels))
-    for _, step, images, labels in probes:
-        for _ in range(warmup):
-            train_step(step, images, labels)[0].item()
-    ms = [[] for _ in probes]
-    for _ in range(rounds):
-        for i, (parts, step, images, labels) in enumerate(probes):
-            if parts.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            train_step(step, images, labels)[0].item()  # .item() waits for the device
-            ms[i].append((time.perf_counter() - start) * 1000 / len(labels))
+    seconds = steps_in_turn([probe[1:] for probe in probes], rounds, warmup)
+    ms = [[1000 * s / len(labels) for s in times] for times, (_, _, _, labels) in zip(seconds, probes)]
     return [{"model": parts.cfg.model.name, "batch_size": parts.cfg.data.batch_size,
              "precision": parts.precision.name, "ms_per_image": times,
              "fastest_ms": min(times), "median_ms": statistics.median(times), "slowest_ms": max(times),

@@ -111,17 +111,27 @@ def measure_precisions(cfg, model: torch.nn.Module, device: torch.device, classe
     decide the choice; turn about, it slows both."""
     probes = {name: probe_step(model, cfg.optimizer, resolve_precision(name, device), device, probe_batch(cfg),
                                classes) for name in ("fp32", "bf16")}
-    for step, images, labels in probes.values():  # the warm-up step: first-call allocations, oneDNN's kernels
-        train_step(step, images, labels)[0].item()
-    fastest = dict.fromkeys(probes, float("inf"))
-    for _ in range(steps):
-        for name, (step, images, labels) in probes.items():
-            if device.type == "cuda":
+    seconds = steps_in_turn(list(probes.values()), rounds=steps, warmup=1)
+    return {name: probe_batch(cfg) / min(times) for name, times in zip(probes, seconds)}
+
+
+def steps_in_turn(probes: list[tuple[Step, torch.Tensor, torch.Tensor]], rounds: int,
+                  warmup: int) -> list[list[float]]:
+    """Seconds of each (step, images, labels)'s `train_step`, timed one step at a time, the probes in turn,
+    `rounds` times after `warmup` untimed steps each (first-call allocations, oneDNN's kernels): a slow spell of
+    the machine then hits every probe alike. `auto`'s precision probe and `fastcifar bench steps` both time so."""
+    for step, images, labels in probes:
+        for _ in range(warmup):
+            train_step(step, images, labels)[0].item()
+    seconds: list[list[float]] = [[] for _ in probes]
+    for _ in range(rounds):
+        for times, (step, images, labels) in zip(seconds, probes):
+            if step.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             train_step(step, images, labels)[0].item()  # .item() waits for the device
-            fastest[name] = min(fastest[name], time.perf_counter() - start)
-    return {name: probe_batch(cfg) / seconds for name, seconds in fastest.items()}
+            times.append(time.perf_counter() - start)
+    return seconds
 
 
 def probe_batch(cfg) -> int:
